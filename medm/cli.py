@@ -1,0 +1,41 @@
+"""`medm` command line: `medm list | train | infer | eval | data | demo | export ...`.
+
+Each subcommand is a thin function here or in its own module; logic lives in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from medm.registry import REGISTRIES
+
+    for kind, reg in REGISTRIES.items():
+        print(f"{kind} ({reg.kind}): {', '.join(reg.names())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="print every registered component name")
+    p.set_defaults(func=_cmd_list)
+    # Subcommands from other modules register themselves here: (module, function that adds parsers).
+    for module in _SUBCOMMAND_MODULES:
+        __import__(module, fromlist=["add_parsers"]).add_parsers(sub)
+    return parser
+
+
+# Each module defines `add_parsers(subparsers)` that adds its commands with `set_defaults(func=...)`.
+_SUBCOMMAND_MODULES: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

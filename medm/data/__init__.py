@@ -1,0 +1,1 @@
+"""Data: records, templates, images, volumes, datasets and collators."""

@@ -1,0 +1,166 @@
+"""Assemble a medm model and its tokenizer from a model config, and save / load checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from medm.config import ConfigError, arg, from_dict, to_dict
+from medm.models.configuration_medm import MedMConfig
+from medm.models.llm import load_llm, resolve_dtype, resolve_text_config
+from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
+from medm.registry import CONNECTOR, LLM, TEMPLATE, VISION
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+IMAGE3D_TOKEN = "<image3d>"
+# Constructor arguments a connector gets from the model, not from its config section.
+_CONNECTOR_GEOMETRY = {"self", "in_dim", "out_dim", "grid", "num_prefix_tokens"}
+
+
+@dataclass
+class LLMArgs:
+    family: str = arg("auto", "LLM family (registry name): qwen2, llama, phi3, phi, auto; sets LoRA targets etc.")
+    path: str | None = arg(None, "local directory or hub id of a pretrained causal LM; null: random init from `config`")
+    config: dict | None = arg(None, "HF config of the LLM as a mapping with `model_type` (used when `path` is null)")
+    tokenizer: str | None = arg(None, "tokenizer directory or hub id; default: `path`")
+    tiny_tokenizer: str | None = arg(None, "train a tiny BPE tokenizer in-process with this chat format: "
+                                           "chatml, llama3, phi3, none (tests and demo)")
+    dtype: str = arg("float32", "weights dtype: float32, bfloat16, float16")
+    attn_implementation: str = arg("sdpa", "eager, sdpa, or flash_attention_2 (GPU, needs flash-attn)")
+    trust_remote_code: bool = arg(False, "run model code shipped with the checkpoint; off unless you trust it")
+    lora_target_modules: list | None = arg(None, "LoRA target modules; default: the family's")
+
+
+@dataclass
+class ModelArgs:
+    llm: LLMArgs = arg(None, "the language model")
+    vision: dict | None = arg(None, "2D vision encoder: `name` (registry) plus that encoder's keys")
+    connector: dict | None = arg(None, "2D connector: `name` (registry) plus that connector's keys")
+    vision3d: dict | None = arg(None, "3D vision encoder: `name` plus its keys")
+    connector3d: dict | None = arg(None, "3D connector: `name` plus its keys")
+    template: str | None = arg(None, "registered chat template; null: the tokenizer's own chat template")
+    system_prompt: str | None = arg(None, "system prompt for every conversation; null: the template's default")
+
+    def __post_init__(self):
+        if self.llm is None:
+            self.llm = LLMArgs()
+
+
+def parse_model_args(cfg: dict[str, Any], where: str = "model") -> ModelArgs:
+    args = from_dict(ModelArgs, cfg, where)
+    LLM.get(args.llm.family)
+    if args.template is not None:
+        TEMPLATE.get(args.template)
+    for slot, reg in (("vision", VISION), ("connector", CONNECTOR), ("vision3d", VISION), ("connector3d", CONNECTOR)):
+        section = getattr(args, slot)
+        if section is None:
+            continue
+        if not isinstance(section, dict) or "name" not in section:
+            raise ConfigError(f"{where}.{slot}: needs a `name`; known: {', '.join(reg.names())}")
+        try:
+            cls = reg.get(section["name"])
+        except KeyError as e:
+            raise ConfigError(f"{where}.{slot}.name: {e.args[0]}") from None
+        skip = _CONNECTOR_GEOMETRY if reg is CONNECTOR else {"self"}
+        valid = ["name"] + [p for p in inspect.signature(cls.__init__).parameters if p not in skip]
+        unknown = [k for k in section if k not in valid]
+        if unknown:
+            raise ConfigError(f"{where}.{slot}: unknown key {unknown[0]!r} for {section['name']!r}; "
+                              f"valid keys: {', '.join(valid)}")
+    for slot, pair in (("vision", "connector"), ("vision3d", "connector3d")):
+        if (getattr(args, slot) is None) != (getattr(args, pair) is None):
+            raise ConfigError(f"{where}: `{slot}` and `{pair}` come together: set both or neither")
+    return args
+
+
+def load_tokenizer(llm: LLMArgs) -> PreTrainedTokenizerBase:
+    if llm.tiny_tokenizer is not None:
+        from medm.models.tiny import tiny_tokenizer
+
+        return tiny_tokenizer(llm.tiny_tokenizer)
+    source = llm.tokenizer or llm.path
+    if not source:
+        raise ConfigError("model.llm: set `tokenizer` or `path` (or `tiny_tokenizer` for an offline tiny one)")
+    if llm.trust_remote_code:
+        logger.warning("trust_remote_code is ON for tokenizer %s", source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=llm.trust_remote_code)
+
+
+def add_media_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Add `<image>` / `<image3d>` as special tokens, and a pad token where the tokenizer has none."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, IMAGE3D_TOKEN]},
+                                 replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _resolve_component(section: dict | None, reg) -> dict | None:
+    if section is None:
+        return None
+    cls = reg.get(section["name"])
+    resolved = cls.resolve_config(section) if hasattr(cls, "resolve_config") else dict(section)
+    return {"name": section["name"], **{k: v for k, v in resolved.items() if k != "name"}}
+
+
+def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
+    """A model and tokenizer from a model config; pretrained parts load from their `path`s."""
+    if isinstance(args, dict):
+        args = parse_model_args(args)
+    register_auto_classes()
+    llm = args.llm
+    tokenizer = load_tokenizer(llm)
+    add_media_tokens(tokenizer)
+    text_config = resolve_text_config(to_dict(llm))
+    if llm.path is None:
+        text_config.vocab_size = len(tokenizer)
+    llm_settings = {"family": llm.family, "path": llm.path, "dtype": llm.dtype,
+                    "attn_implementation": llm.attn_implementation, "trust_remote_code": llm.trust_remote_code,
+                    "lora_target_modules": llm.lora_target_modules or LLM.get(llm.family).lora_target_modules}
+    config = MedMConfig(
+        text_config=text_config, llm=llm_settings,
+        vision=_resolve_component(args.vision, VISION), connector=args.connector and dict(args.connector),
+        vision3d=_resolve_component(args.vision3d, VISION), connector3d=args.connector3d and dict(args.connector3d),
+        template=args.template or LLM.get(llm.family).template, system_prompt=args.system_prompt,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image3d_token_id=tokenizer.convert_tokens_to_ids(IMAGE3D_TOKEN),
+    )
+    model = MedMForConditionalGeneration(config)
+    if llm.path is not None:
+        model.llm = load_llm(llm.path, text_config, llm.attn_implementation, llm.trust_remote_code)
+        config.text_config = model.llm.config
+    for slot in ("vision", "vision3d"):
+        section = getattr(args, slot)
+        if section and section.get("path"):
+            getattr(model, slot).load_pretrained(section["path"])
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # New rows start at the mean embedding, so added tokens do not dominate the first steps.
+        model.llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.to(resolve_dtype(llm.dtype))
+    return model, tokenizer
+
+
+def save_model(model: MedMForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
+    """A self-contained checkpoint: config.json, safetensors weights, tokenizer."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_model(path: str, dtype: str | None = None,
+               device: str | torch.device | None = None) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Reopen a checkpoint written by `save_model` (no hub access; safetensors only)."""
+    register_auto_classes()
+    model = MedMForConditionalGeneration.from_pretrained(path, use_safetensors=True,
+                                                         dtype=resolve_dtype(dtype) if dtype else None)
+    if device is not None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -1,0 +1,33 @@
+"""What every connector provides: `(B, N, D_enc) -> (B, M, D_llm)` and M known up front."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+class Connector(nn.Module):
+    """Base class. Built with the encoder geometry so the token count is fixed at construction.
+
+    Args:
+        in_dim: encoder hidden size D_enc.
+        out_dim: LLM hidden size D_llm.
+        grid: encoder patch grid, e.g. (16, 16) or (8, 16, 16).
+        num_prefix_tokens: leading non-grid tokens in the features (CLS with `cls_patch`).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, ...], num_prefix_tokens: int = 0):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.grid = tuple(grid)
+        self.num_prefix_tokens = num_prefix_tokens
+
+    @property
+    def num_input_tokens(self) -> int:
+        return self.num_prefix_tokens + math.prod(self.grid)
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows emitted per image: what `<image>` expands to."""
+        raise NotImplementedError

@@ -1,0 +1,82 @@
+"""LLM families: per-family defaults, and loading any HF causal LM from a config, a directory or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from medm.registry import LLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+@dataclass
+class LLMFamily:
+    """Defaults that differ between LLM families; every one can be overridden in the config.
+
+    Args:
+        lora_target_modules: linear layers LoRA adapts by default (Phi-3 fuses q/k/v into `qkv_proj`).
+        template: registered chat template for tokenizers without their own (`None`: the tokenizer's).
+    """
+
+    lora_target_modules: list[str] = field(default_factory=list)
+    template: str | None = None
+
+
+_ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLM.register("qwen2")(LLMFamily(lora_target_modules=_ATTN_MLP))
+LLM.register("llama")(LLMFamily(lora_target_modules=_ATTN_MLP))
+LLM.register("phi3")(LLMFamily(lora_target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
+LLM.register("phi")(LLMFamily(lora_target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+                              template="phi2"))
+LLM.register("auto")(LLMFamily(lora_target_modules=["all-linear"]))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_attn_implementation(name: str) -> str:
+    """Validate `attn_implementation`; flash attention needs its package (and a GPU) present."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attn_implementation {name!r}; known: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ImportError("attn_implementation 'flash_attention_2' needs the flash-attn package "
+                              "(pip install -e '.[gpu]' on a CUDA machine); use 'sdpa' on the CPU")
+        if not torch.cuda.is_available():
+            raise RuntimeError("attn_implementation 'flash_attention_2' needs a CUDA GPU; use 'sdpa' on the CPU")
+    return name
+
+
+def resolve_text_config(llm: dict[str, Any]) -> PretrainedConfig:
+    """The LLM's HF config from `llm.config` (a dict with `model_type`) or from `llm.path`."""
+    trust = bool(llm.get("trust_remote_code", False))
+    if llm.get("config"):
+        cfg = dict(llm["config"])
+        if "model_type" not in cfg:
+            raise ValueError("llm.config needs a `model_type` (e.g. qwen2, llama, phi3)")
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if not llm.get("path"):
+        raise ValueError("the llm section needs `path` (local dir or hub id) or `config`")
+    return AutoConfig.from_pretrained(llm["path"], trust_remote_code=trust)
+
+
+def build_llm(text_config: PretrainedConfig, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A randomly initialised causal LM from its config (weights come later, from a checkpoint)."""
+    return AutoModelForCausalLM.from_config(text_config, attn_implementation=check_attn_implementation(
+        attn_implementation))
+
+
+def load_llm(path: str, text_config: PretrainedConfig, attn_implementation: str = "sdpa",
+             trust_remote_code: bool = False) -> PreTrainedModel:
+    """Pretrained causal LM weights from a local dir or hub id."""
+    return AutoModelForCausalLM.from_pretrained(path, config=text_config, trust_remote_code=trust_remote_code,
+                                                attn_implementation=check_attn_implementation(attn_implementation))

@@ -1,0 +1,201 @@
+"""`MedMForConditionalGeneration`: vision encoder -> connector -> features placed in an HF causal LM.
+
+Reads top to bottom like transformers' `modeling_llava.py`: output type, tower glue, the
+`PreTrainedModel` base, then the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from medm.models.configuration_medm import MedMConfig
+from medm.models.llm import build_llm
+from medm.registry import CONNECTOR, VISION
+
+
+@dataclass
+class MedMCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the connector outputs of the images in the batch.
+
+    image_features: (n_images, M, D_llm) or None; image3d_features: (n_volumes, M3, D_llm) or None.
+    """
+
+    image_features: torch.FloatTensor | None = None
+    image3d_features: torch.FloatTensor | None = None
+
+
+def build_tower(vision: dict, connector: dict, llm_hidden: int) -> tuple[nn.Module, nn.Module]:
+    """Encoder + connector from their config sections; the connector is sized from the encoder geometry."""
+    enc_kwargs = {k: v for k, v in vision.items() if k != "name"}
+    encoder = VISION.build(vision["name"], **enc_kwargs)
+    con_kwargs = {k: v for k, v in connector.items() if k != "name"}
+    conn = CONNECTOR.build(connector["name"], in_dim=encoder.hidden_size, out_dim=llm_hidden, grid=encoder.grid,
+                           num_prefix_tokens=encoder.num_prefix_tokens, **con_kwargs)
+    return encoder, conn
+
+
+def place_features(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, features: torch.Tensor | None,
+                   token_id: int, what: str) -> torch.Tensor:
+    """Scatter (n, M, D) feature rows into the positions of `token_id`, in reading order.
+
+    Raises ValueError when the number of placeholder tokens differs from the number of feature rows.
+    """
+    mask = input_ids == token_id
+    n_tokens = int(mask.sum())
+    n_rows = 0 if features is None else features.shape[0] * features.shape[1]
+    if n_tokens != n_rows:
+        raise ValueError(f"{what} tokens and {what} features do not match: {n_tokens} {what} tokens in input_ids, "
+                         f"{n_rows} feature rows from the connector")
+    if n_rows == 0:
+        return inputs_embeds
+    rows = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
+    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), rows)
+
+
+class MedMPreTrainedModel(PreTrainedModel):
+    config: MedMConfig
+    config_class = MedMConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class MedMForConditionalGeneration(MedMPreTrainedModel, GenerationMixin):
+    """Vision encoder(s) + connector(s) + any HF causal LM (kept whole as `self.llm`).
+
+    Inputs carry one `<image>` id per visual token (expanded by the data code); `pixel_values` holds every
+    image of the batch in reading order, `pixel_values_3d` every volume.
+    """
+
+    def __init__(self, config: MedMConfig):
+        super().__init__(config)
+        attn = config.llm.get("attn_implementation", "sdpa")
+        self.llm = build_llm(config.text_config, attn)
+        # One config object for the LLM, so resizing embeddings updates what `save_pretrained` writes.
+        config.text_config = self.llm.config
+        hidden = config.text_config.hidden_size
+        self.vision = self.connector = self.vision3d = self.connector3d = None
+        if config.vision is not None:
+            self.vision, self.connector = build_tower(config.vision, config.connector, hidden)
+        if config.vision3d is not None:
+            self.vision3d, self.connector3d = build_tower(config.vision3d, config.connector3d, hidden)
+        self.post_init()
+
+    # ---- token geometry -------------------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        """How many `<image>` tokens one image expands to (0 without a 2D tower)."""
+        return self.connector.num_tokens if self.connector is not None else 0
+
+    @property
+    def num_image3d_tokens(self) -> int:
+        return self.connector3d.num_tokens if self.connector3d is not None else 0
+
+    # ---- embeddings, delegated to the LLM ---------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_output_embeddings(value)
+
+    # ---- features -----------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (n_images, C, H, W) -> (n_images, M, D_llm)."""
+        if self.vision is None:
+            raise ValueError("this model has no 2D vision encoder, but pixel_values were given")
+        return self.connector(self.vision(pixel_values))
+
+    def get_image3d_features(self, pixel_values_3d: torch.Tensor) -> torch.Tensor:
+        """pixel_values_3d: (n_volumes, C, D, H, W) -> (n_volumes, M3, D_llm)."""
+        if self.vision3d is None:
+            raise ValueError("this model has no 3D vision encoder, but pixel_values_3d were given")
+        return self.connector3d(self.vision3d(pixel_values_3d))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              pixel_values_3d: torch.Tensor | None = None):
+        """Token embeddings with image / volume features in place: (B, T) -> (B, T, D_llm)."""
+        embeds = self.get_input_embeddings()(input_ids)
+        image_features = image3d_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        if self.config.image_token_id is not None:
+            embeds = place_features(input_ids, embeds, image_features, self.config.image_token_id, "image")
+        elif image_features is not None:
+            raise ValueError("pixel_values given but the config has no image_token_id")
+        if pixel_values_3d is not None:
+            image3d_features = self.get_image3d_features(pixel_values_3d)
+        if self.config.image3d_token_id is not None:
+            embeds = place_features(input_ids, embeds, image3d_features, self.config.image3d_token_id, "image3d")
+        elif image3d_features is not None:
+            raise ValueError("pixel_values_3d given but the config has no image3d_token_id")
+        return embeds, image_features, image3d_features
+
+    # ---- forward and generation ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_3d: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MedMCausalLMOutput:
+        """input_ids: (B, T); attention_mask: (B, T); labels: (B, T) with -100 where not supervised;
+        pixel_values: (n_images, C, H, W); pixel_values_3d: (n_volumes, C, D, H, W)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        image_features = image3d_features = None
+        if inputs_embeds is None:
+            inputs_embeds, image_features, image3d_features = self.embed(input_ids, pixel_values, pixel_values_3d)
+        out = self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return MedMCausalLMOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+                                  hidden_states=out.hidden_states, attentions=out.attentions,
+                                  image_features=image_features, image3d_features=image3d_features)
+
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, pixel_values_3d=None,
+                                      is_first_iteration=False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # Images are encoded once, in the prefill; later steps read them from the KV cache.
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs["pixel_values"] = pixel_values
+            inputs["pixel_values_3d"] = pixel_values_3d
+        return inputs
+
+
+def register_auto_classes() -> None:
+    """Let `AutoConfig` / `AutoModelForCausalLM` open medm checkpoints (idempotent)."""
+    try:
+        AutoConfig.register("medm", MedMConfig)
+        AutoModelForCausalLM.register(MedMConfig, MedMForConditionalGeneration)
+    except ValueError:
+        pass

@@ -1,0 +1,102 @@
+"""What every vision encoder provides: features, their geometry, and its own preprocessing."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+@dataclass
+class ImagePreprocess:
+    """Image -> normalised tensor for one encoder; shared by the dataset, inference and playground.
+
+    Args:
+        image_size: (H, W) the encoder takes.
+        mean, std: per-channel normalisation, one value per output channel.
+        resize: `squash` (resize to H x W) or `pad` (pad to square with the mean colour first, as LLaVA's
+            `pad` aspect mode, which keeps anatomy undistorted).
+        resample: `bicubic` | `bilinear` | `nearest`.
+    """
+
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "squash"
+    resample: str = "bicubic"
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL image (any mode) -> (C, H, W) float32."""
+        mode = "L" if self.channels == 1 else "RGB"
+        image = image.convert(mode)
+        if self.resize == "pad":
+            w, h = image.size
+            side = max(w, h)
+            fill = tuple(int(255 * m) for m in self.mean) if mode == "RGB" else int(255 * self.mean[0])
+            canvas = Image.new(mode, (side, side), fill)
+            canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+            image = canvas
+        elif self.resize != "squash":
+            raise ValueError(f"unknown resize mode {self.resize!r}; known: squash, pad")
+        h, w = self.image_size
+        image = image.resize((w, h), _RESAMPLE[self.resample])
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return (x - mean) / std
+
+    def blank(self) -> torch.Tensor:
+        """A (C, H, W) tensor of a black image, for image-reliance checks."""
+        return self(Image.new("L", self.image_size[::-1], 0))
+
+
+class VisionEncoder(nn.Module):
+    """Base class: `forward(pixel_values (B, C, H, W)) -> (B, N, D)`.
+
+    Subclasses set `hidden_size`, `grid` (patch grid, e.g. (4, 4)) and `num_prefix_tokens` (leading
+    non-grid tokens kept in the output, e.g. 1 for CLS with `select_feature: cls_patch`), so
+    `num_tokens = num_prefix_tokens + prod(grid)` is known before anything runs.
+    """
+
+    hidden_size: int
+    grid: tuple[int, ...]
+    num_prefix_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + math.prod(self.grid)
+
+    @classmethod
+    def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Fill every architecture setting (from `path` where given) so the config alone rebuilds it."""
+        return dict(cfg)
+
+    @classmethod
+    def preprocessor(cls, cfg: dict[str, Any]) -> ImagePreprocess:
+        """The encoder's image preprocessing, from its resolved config alone (no weights needed)."""
+        raise NotImplementedError
+
+    def load_pretrained(self, path: str) -> None:
+        """Load weights from a local directory or file (or hub id where the network allows)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load pretrained weights")
+
+
+def select_features(hidden: torch.Tensor, select_feature: str, num_cls: int) -> torch.Tensor:
+    """(B, T, D) -> (B, N, D): `patch` drops the `num_cls` leading tokens, `cls_patch` keeps all."""
+    if select_feature == "patch":
+        return hidden[:, num_cls:]
+    if select_feature == "cls_patch":
+        return hidden
+    raise ValueError(f"unknown select_feature {select_feature!r}; known: patch, cls_patch")

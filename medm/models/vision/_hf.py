@@ -1,0 +1,84 @@
+"""Shared code for encoders that are transformers vision models (CLIP, SigLIP)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from medm.models.vision._base import ImagePreprocess, VisionEncoder, select_features
+
+
+def _preprocessor_json(path: str | None) -> dict[str, Any]:
+    if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        with open(os.path.join(path, "preprocessor_config.json")) as f:
+            return json.load(f)
+    return {}
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A transformers vision tower; features are `hidden_states[select_layer]`.
+
+    Config keys: `path` (local dir or hub id, optional), `config` (the vision config as a dict; filled
+    from `path` when missing), `select_layer` (-2), `select_feature` (`patch` | `cls_patch`),
+    `image_mean` / `image_std` / `resize` / `resample` (filled from the path's preprocessor when missing).
+    """
+
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    num_cls_tokens: int = 0
+    default_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    default_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __init__(self, config: dict[str, Any], path: str | None = None, select_layer: int = -2,
+                 select_feature: str = "patch", image_mean: list[float] | None = None,
+                 image_std: list[float] | None = None, resize: str = "squash", resample: str = "bicubic"):
+        super().__init__()
+        del image_mean, image_std, resize, resample  # preprocessing settings, read by `preprocessor(cfg)`
+        cfg = self.config_class(**config)
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        self.model = self.model_class(cfg)
+        self.hidden_size = cfg.hidden_size
+        side = cfg.image_size // cfg.patch_size
+        self.grid = (side, side)
+        self.num_prefix_tokens = self.num_cls_tokens if select_feature == "cls_patch" else 0
+        n_layers = cfg.num_hidden_layers
+        if not -(n_layers + 1) <= select_layer <= n_layers:
+            raise ValueError(f"select_layer {select_layer} out of range for {n_layers} layers")
+
+    @classmethod
+    def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        cfg = dict(cfg)
+        path = cfg.get("path")
+        if not cfg.get("config"):
+            if not path:
+                raise ValueError(f"vision encoder {cls.registry_name!r} needs `path` or `config`")
+            hf = AutoConfig.from_pretrained(path)
+            # A full CLIP/SigLIP checkpoint has a text tower too; keep the vision part.
+            hf = getattr(hf, "vision_config", hf)
+            cfg["config"] = {k: v for k, v in hf.to_diff_dict().items() if k not in ("transformers_version",)}
+        pre = _preprocessor_json(path)
+        cfg.setdefault("image_mean", pre.get("image_mean", list(cls.default_mean)))
+        cfg.setdefault("image_std", pre.get("image_std", list(cls.default_std)))
+        return cfg
+
+    @classmethod
+    def preprocessor(cls, cfg: dict[str, Any]) -> ImagePreprocess:
+        size = cls.config_class(**cfg["config"]).image_size
+        mean = cfg.get("image_mean") or cls.default_mean
+        std = cfg.get("image_std") or cls.default_std
+        return ImagePreprocess((size, size), tuple(mean), tuple(std), cfg.get("resize", "squash"),
+                               cfg.get("resample", "bicubic"))
+
+    def load_pretrained(self, path: str) -> None:
+        loaded = self.model_class.from_pretrained(path, config=self.model.config)
+        self.model.load_state_dict(loaded.state_dict())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (B, C, H, W) -> (B, N, D)."""
+        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True)
+        return select_features(out.hidden_states[self.select_layer], self.select_feature, self.num_cls_tokens)

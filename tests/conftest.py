@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny offline models and the path to ../shared/data (tests using it skip when absent)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never download: any hub access is an error.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDM_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set MEDM_DATA_DIR)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_model():
+    """(model, tokenizer): CLIP + mlp2x_gelu + tiny Qwen2, random weights, seeded."""
+    from medm.models import build_model
+    from medm.models.tiny import tiny_model_config
+
+    torch.manual_seed(0)
+    model, tok = build_model(tiny_model_config())
+    return model.eval(), tok
