@@ -25,7 +25,10 @@ class Registry:
             if name in self._items and self._items[name] is not obj:
                 raise KeyError(f"{self.kind} {name!r} is already registered by {self._items[name]!r}")
             self._items[name] = obj
-            obj.registry_name = name
+            try:  # lets a component report the name it was built under
+                obj.registry_name = name
+            except (AttributeError, TypeError):
+                pass
             return obj
 
         return wrap

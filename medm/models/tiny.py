@@ -61,6 +61,16 @@ TINY_LLM: dict[str, dict[str, Any]] = {
     "phi3": {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1024,
              "max_position_embeddings": 2048, "pad_token_id": 0, "tie_word_embeddings": False},
+    "phi": {"model_type": "phi", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 1024, "max_position_embeddings": 2048,
+            "tie_word_embeddings": False},
+}
+
+# Small settings per connector (merged over `{"name": ...}`) so tests build each one fast on the tiny grids.
+TINY_CONNECTOR: dict[str, dict[str, Any]] = {
+    "mlp": {"type": "mlp2x_gelu"},
+    "spatial_pool": {"pool": "avg", "stride": 2},
+    "attention_pool": {"num_queries": 4, "num_heads": 2},
 }
 
 # Which tiny chat format matches each LLM family's real tokenizer.
