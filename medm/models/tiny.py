@@ -49,6 +49,14 @@ opacity effusion edema hemorrhage infarct tumor cyst calcification atelectasis c
 TINY_VISION: dict[str, dict[str, Any]] = {
     "clip": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                         "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "num_channels": 3}},
+    "siglip": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "num_channels": 3,
+                          "vision_use_head": False}},
+    # model_name null: the architecture is model_cfg alone (a real preset's model_name would pick its mean/std).
+    "open_clip": {"model_name": None, "model_cfg": {"embed_dim": 32, "quick_gelu": False, "vision_cfg": {
+        "image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0}}},
+    "timm": {"model_name": "vit_base_patch16_224", "image_size": 32, "model_args": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}},
 }
 
 TINY_LLM: dict[str, dict[str, Any]] = {
