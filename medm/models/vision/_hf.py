@@ -38,6 +38,8 @@ class HFVisionEncoder(VisionEncoder):
                  image_std: list[float] | None = None, resize: str = "squash", resample: str = "bicubic"):
         super().__init__()
         del image_mean, image_std, resize, resample  # preprocessing settings, read by `preprocessor(cfg)`
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"unknown select_feature {select_feature!r}; known: patch, cls_patch")
         cfg = self.config_class(**config)
         self.select_layer = select_layer
         self.select_feature = select_feature
