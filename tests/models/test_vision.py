@@ -331,9 +331,8 @@ def test_bad_selection_is_a_clear_error_at_build(key):
 def test_bad_selection_hf(key):
     with pytest.raises(ValueError, match="select_layer 7 out of range"):
         make(key, select_layer=7)
-    cls, cfg, enc = make(key, select_feature="cls")
     with pytest.raises(ValueError, match="unknown select_feature 'cls'"):
-        enc(pixels((cls, cfg)))
+        make(key, select_feature="cls")
 
 
 @pytest.mark.parametrize("vision", ["siglip", "open_clip", "timm", "timm_cnn"])
