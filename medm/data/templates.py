@@ -1,1 +1,304 @@
-"""Chat templates (placeholder until the data issue lands)."""
+"""Chat formats: render conversations with the LLM's own chat template (or a registered one) and encode them into
+input ids with exact assistant-only labels.
+
+Rendering. With `template=None` the tokenizer's own `chat_template` renders (ChatML for Qwen2.5, Llama-3 headers,
+Phi-3 tags), exactly as `tokenizer.apply_chat_template` does. Registered templates (`TEMPLATE` registry) cover
+tokenizers without one: `phi2` ("Instruct: ...\\nOutput: ..."), `vicuna` (LLaVA v1: system, "USER: q ASSISTANT: a</s>")
+and `pretrain` (the images' placeholders, the caption, EOS; human text dropped). They are jinja strings too, so
+every format goes through the same code.
+
+Labels (`ChatFormat.encode`). The full conversation is rendered once and tokenized once with offsets, with
+`add_special_tokens=False` like `apply_chat_template(tokenize=True)`, so input ids equal the tokenizer's own
+rendering. For assistant message k, the prompt `render(messages[:k], add_generation_prompt=True)` must be a prefix
+of the full rendering; the answer starts right after it. Its end-of-turn token is the first special token after
+that point (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `</s>`, EOS). Supervised: the answer's tokens and that end-of-turn
+token. Not supervised: everything else, including the "\\n" that ChatML and Phi-3 write after the end token (as in
+LLaMA-Factory; generation stops at the end token) and Phi-3's final EOS. Checked, else `TemplateError` naming the
+record: the prompt is a prefix of the full text; the prompt tokenized alone gives the first ids of the full
+rendering and ends where the answer starts (a BPE merge across the boundary would make training ids differ from
+the inference prompt's); the text between the boundary and the end token is the message content (up to
+surrounding whitespace, which e.g. Llama-3 trims); the rendering holds one `<image>` / `<image3d>` id per image /
+volume. No sample is ever masked silently.
+
+Images. `<image>` and `<image3d>` are special tokens (`medm.models.builder.add_media_tokens`), so each stays one
+isolated id through BPE; `expand_media` then repeats each into the connector's token count (labels -100) and can
+truncate to `max_length` without cutting a run of image tokens: the cut moves before that image, and the images
+after the cut are reported as dropped so their pixel values can be dropped too.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record
+from medm.registry import TEMPLATE
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """A conversation whose rendering cannot be split exactly into prompt and supervised answer tokens."""
+
+
+@dataclass
+class ChatTemplate:
+    """A registered chat template: a jinja string rendered like a tokenizer's own `chat_template`.
+
+    Args:
+        jinja: the template; it sees `messages` (role / content), `add_generation_prompt`, `bos_token`, `eos_token`.
+        description: one line for `medm list` readers and docs.
+    """
+
+    jinja: str
+    description: str = ""
+
+
+_LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                 "detailed, and polite answers to the user's questions.")
+
+# Phi-2 has no chat template; its model card's QA format is "Instruct: <prompt>\nOutput:".
+PHI2 = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'Instruct: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'Output: ' + message['content'] + eos_token + '\\n' }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Output:' }}{%- endif -%}"
+)
+
+# LLaVA v1 (conv_vicuna_v1): "{system} USER: {q} ASSISTANT: {a}</s>USER: ...". The generation prompt ends at
+# "ASSISTANT:" and the answer carries its leading space, as in LLaVA, so prompt and answer tokenize apart.
+VICUNA = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '" + _LLAVA_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{ system + ' ' }}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+# Caption pretraining (LLaVA "plain"): the images' placeholders, then the caption and EOS; human text is dropped.
+PRETRAIN = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '" + IMAGE_TOKEN + "' * message['content'].count('" + IMAGE_TOKEN + "') }}"
+    "{{ '" + IMAGE3D_TOKEN + "' * message['content'].count('" + IMAGE3D_TOKEN + "') }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+)
+
+TEMPLATE.register("phi2")(ChatTemplate(PHI2, "Phi-2 QA format: 'Instruct: q\\nOutput: a<eos>'"))
+TEMPLATE.register("vicuna")(ChatTemplate(VICUNA, "LLaVA v1 / Vicuna: '{system} USER: q ASSISTANT: a</s>'"))
+TEMPLATE.register("pretrain")(ChatTemplate(PRETRAIN, "caption pretraining: '<image>caption<eos>', human text dropped"))
+
+
+class ChatFormat:
+    """How one tokenizer renders and encodes conversations; build once, use for every sample.
+
+    Args:
+        tokenizer: a fast tokenizer with `<image>` / `<image3d>` added (`medm.models.builder.add_media_tokens`).
+        template: registered template name; None: the tokenizer's own `chat_template`.
+        system_prompt: system turn for conversations that have none; None: the template's default.
+    """
+
+    def __init__(self, tokenizer, template: str | None = None, system_prompt: str | None = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise TemplateError("exact label masks need a fast tokenizer (character offsets); got "
+                                f"{type(tokenizer).__name__}")
+        if template is not None:
+            self.jinja = TEMPLATE.get(template).jinja
+        elif getattr(tokenizer, "chat_template", None):
+            self.jinja = tokenizer.get_chat_template()
+        else:
+            raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has "
+                                f"no chat template; set a registered `template` ({', '.join(TEMPLATE.names())})")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system_prompt = system_prompt
+        # Candidates for an end-of-turn token: special tokens, and added tokens the template writes literally.
+        added = tokenizer.added_tokens_decoder
+        self.special_ids = set(tokenizer.all_special_ids) | {
+            i for i, t in added.items() if t.special or t.content in self.jinja}
+        self.image_id = self._token_id(IMAGE_TOKEN)
+        self.image3d_id = self._token_id(IMAGE3D_TOKEN)
+
+    def _token_id(self, token: str) -> int | None:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        return tid if tid is not None and self.tokenizer.convert_ids_to_tokens(tid) == token else None
+
+    def media_sizes(self, num_image_tokens: int, num_image3d_tokens: int = 0) -> dict[int, int]:
+        """{token id: ids per placeholder} for `expand_media`."""
+        sizes = {}
+        if self.image_id is not None:
+            sizes[self.image_id] = num_image_tokens
+        if self.image3d_id is not None:
+            sizes[self.image3d_id] = num_image3d_tokens
+        return sizes
+
+    @functools.cached_property
+    def end_of_turn_id(self) -> int:
+        """The id that closes an assistant turn (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, EOS): generation stops on it.
+
+        Read from a probe conversation, so it holds even where the tokenizer's `eos_token` differs (Phi-3).
+        """
+        ids, labels = self.encode([{"role": "user", "content": "?"}, {"role": "assistant", "content": "ok"}],
+                                  record_id="<end-of-turn probe>")
+        return [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX][-1]
+
+    # ---- rendering -----------------------------------------------------------------------------------------------
+    def messages(self, conversation: Record | list[dict[str, str]]) -> list[dict[str, str]]:
+        """`{"role", "content"}` messages, with the system prompt prepended where the conversation has none."""
+        if isinstance(conversation, Record):
+            return conversation.messages(self.system_prompt)
+        msgs = [{"role": m["role"], "content": m["content"]} for m in conversation]
+        if self.system_prompt is not None and msgs and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        return msgs
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    # ---- encoding ------------------------------------------------------------------------------------------------
+    def encode(self, conversation: Record | list[dict[str, str]],
+               record_id: str | None = None) -> tuple[list[int], list[int]]:
+        """Training ids and labels, one id per `<image>` / `<image3d>` placeholder (expand with `expand_media`).
+
+        Returns:
+            (input_ids, labels), equal lengths; labels are -100 except on assistant tokens and their end token.
+
+        Raises:
+            TemplateError: naming the record when the rendering cannot be split exactly (see the module doc).
+        """
+        rid = record_id if record_id is not None else getattr(conversation, "id", "<messages>")
+        msgs = self.messages(conversation)
+        text = self.render(msgs)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, msg in enumerate(msgs):
+            if msg["role"] != "assistant":
+                continue
+            if not any(m["role"] == "user" for m in msgs[:k]):
+                raise TemplateError(f"record {rid!r}: assistant turn {k} has no user turn before it")
+            t0, t_end = self._answer_span(text, msgs, k, ids, offsets, rid)
+            labels[t0:t_end + 1] = ids[t0:t_end + 1]
+        self._check_media(msgs, ids, rid)
+        return ids, labels
+
+    def _answer_span(self, text: str, msgs: list[dict[str, str]], k: int, ids: list[int],
+                     offsets: list[tuple[int, int]], rid: str) -> tuple[int, int]:
+        """Token indices (first, end-of-turn) of assistant message k in the full rendering `text`."""
+        prompt = self.render(msgs[:k], add_generation_prompt=True)
+        if not text.startswith(prompt):
+            at = next((i for i, (a, b) in enumerate(zip(text, prompt)) if a != b), min(len(text), len(prompt)))
+            raise TemplateError(
+                f"record {rid!r}: the prompt before assistant turn {k} (messages[:{k}] with the generation prompt) is "
+                f"not a prefix of the full rendering; they differ at character {at}: full {text[at:at + 40]!r} vs "
+                f"prompt {prompt[at:at + 40]!r}. The template renders a turn differently depending on what follows.")
+        begin = len(prompt)
+        # The prompt alone must tokenize to the first ids of the full rendering, ending exactly at the answer:
+        # otherwise BPE merged text across the boundary and training ids would differ from the inference prompt.
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t0 = len(prompt_ids)
+        if ids[:t0] != prompt_ids or (t0 < len(ids) and offsets[t0][0] < begin):
+            near = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(t0, len(ids) - 1))
+            s, e = offsets[near]
+            raise TemplateError(
+                f"record {rid!r}: the prompt before assistant turn {k} tokenizes differently alone than inside the "
+                f"conversation (token {text[s:e]!r} at characters {s}-{e}, answer starts at {begin}): the tokenizer "
+                "merges text across the prompt / answer boundary. Strip leading whitespace from the answer or fix "
+                "the template.")
+        t = t0
+        while t < len(ids) and ids[t] not in self.special_ids:
+            t += 1
+        if t == len(ids):
+            raise TemplateError(f"record {rid!r}: no end-of-turn special token after assistant turn {k}")
+        body = text[begin:offsets[t][0]]
+        if body.strip() != msgs[k]["content"].strip():
+            raise TemplateError(
+                f"record {rid!r}: assistant turn {k} renders as {body!r} before its end token "
+                f"{text[offsets[t][0]:offsets[t][1]]!r}, expected its content {msgs[k]['content']!r}")
+        return t0, t
+
+    def _check_media(self, msgs: list[dict[str, str]], ids: list[int], rid: str) -> None:
+        for token, tid in ((IMAGE_TOKEN, self.image_id), (IMAGE3D_TOKEN, self.image3d_id)):
+            want = sum(m["content"].count(token) for m in msgs if m["role"] == "user")
+            if want and tid is None:
+                raise TemplateError(f"record {rid!r}: the tokenizer has no {token} token; build it with "
+                                    "medm.models.builder.add_media_tokens")
+            got = ids.count(tid) if tid is not None else 0
+            if got != want:
+                raise TemplateError(f"record {rid!r}: the rendering holds {got} {token} token(s) for {want} "
+                                    f"placeholder(s) in the user turns")
+
+    def encode_prompt(self, conversation: Record | list[dict[str, str]]) -> list[int]:
+        """Inference prompt ids up to and including the generation prompt, one id per placeholder.
+
+        Trailing assistant turns (e.g. the reference answer of an evaluation record) are left out, so the prompt
+        ends on the last user turn; images sit in user turns, so every image of the conversation stays.
+        """
+        msgs = self.messages(conversation)
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        if not any(m["role"] == "user" for m in msgs):
+            rid = getattr(conversation, "id", "<messages>")
+            raise TemplateError(f"record {rid!r}: no user turn to prompt with")
+        text = self.render(msgs, add_generation_prompt=True)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self._check_media(msgs, ids, getattr(conversation, "id", "<messages>"))
+        return ids
+
+
+def expand_media(ids: list[int], labels: list[int] | None, sizes: dict[int, int],
+                 max_length: int | None = None) -> tuple[list[int], list[int] | None, dict[int, int]]:
+    """Repeat each media placeholder id `sizes[id]` times (labels -100), keeping at most `max_length` ids.
+
+    Truncation keeps a prefix and never cuts a placeholder's run: if an image's run would cross `max_length`,
+    the cut moves before it, and that image and every later one are dropped.
+
+    Returns:
+        (ids, labels or None, kept) where `kept[id]` counts the placeholders of each media id that remain.
+
+    Raises:
+        TemplateError: a placeholder whose size is below 1 (e.g. images for a model without a 2D tower).
+    """
+    out_ids: list[int] = []
+    out_labels: list[int] | None = [] if labels is not None else None
+    kept = dict.fromkeys(sizes, 0)
+    for i, tok in enumerate(ids):
+        n = sizes.get(tok, 1)
+        if n < 1:
+            raise TemplateError(f"media token id {tok} expands to {n} ids; the model has no encoder for it "
+                                "(num_image_tokens / num_image3d_tokens is 0)")
+        if max_length is not None and len(out_ids) + n > max_length:
+            break
+        if tok in sizes:
+            out_ids.extend([tok] * n)
+            if out_labels is not None:
+                out_labels.extend([IGNORE_INDEX] * n)
+            kept[tok] += 1
+        else:
+            out_ids.append(tok)
+            if out_labels is not None:
+                out_labels.append(labels[i])
+    return out_ids, out_labels, kept
+
+
+def render_prompt(conversation: Record | list[dict[str, str]], tokenizer: Any, *, template: str | None = None,
+                  system_prompt: str | None = None, num_image_tokens: int = 0,
+                  num_image3d_tokens: int = 0) -> list[int]:
+    """Inference input ids for a record or messages: the prompt up to the generation prompt, placeholders expanded.
+
+    For many prompts build one `ChatFormat` and call `encode_prompt` + `expand_media` instead.
+    """
+    fmt = ChatFormat(tokenizer, template, system_prompt)
+    ids, _, _ = expand_media(fmt.encode_prompt(conversation), None, fmt.media_sizes(num_image_tokens,
+                                                                                     num_image3d_tokens))
+    return ids

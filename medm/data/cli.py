@@ -1,0 +1,182 @@
+"""`medm data validate | convert | build`: check annotation files record by record, convert between layouts, and
+run a registered data builder.
+
+    medm data validate train.json --image-dir images/ [--write-clean clean.json] [--inference]
+    medm data convert --to sharegpt train.json train_sharegpt.json
+    medm data build vqa-rad --out data/vqa_rad --src ../shared/data/vqa_rad
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from medm.data.annotations import (
+    FAILURE_KINDS,
+    AnnotationError,
+    Record,
+    RecordError,
+    iter_file,
+    load_records,
+    resolve_path,
+    write_json_records,
+    write_records,
+)
+
+
+@dataclass
+class ValidationReport:
+    """What `validate_files` found: good raw records (as read) and failures grouped by kind."""
+
+    total: int = 0
+    good: list[Any] = field(default_factory=list)
+    failures: dict[str, list[RecordError]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def num_bad(self) -> int:
+        return self.total - len(self.good)
+
+
+def check_files(record: Record, image_dir: str | None = None, decode: bool = True) -> list[RecordError]:
+    """Missing or undecodable media of one record (every file is checked; nothing stops at the first)."""
+    from medm.data.images import verify_image
+
+    errors = []
+    for key, paths in (("image", record.image), ("image3d", record.image3d)):
+        for p in paths:
+            full = resolve_path(p, image_dir)
+            if not os.path.isfile(full):
+                errors.append(RecordError(record.id, "missing_file", f"{key} file {full!r} does not exist"))
+            elif decode and key == "image":
+                # Volumes are only checked for existence until medm.data.volumes can decode them.
+                try:
+                    verify_image(full)
+                except (ValueError, OSError) as e:
+                    errors.append(RecordError(record.id, "corrupt_image", str(e)))
+    return errors
+
+
+def validate_files(paths: list[str], image_dir: str | None = None, for_training: bool = True,
+                   decode: bool = True) -> ValidationReport:
+    """Check every record of every file: schema, turns, placeholders, and that each media file exists and decodes.
+
+    Raises:
+        AnnotationError: a file that is not valid JSON / JSONL (names file, line and column).
+    """
+    report = ValidationReport()
+    for path in paths:
+        for raw, rec in iter_file(path, for_training=for_training):
+            report.total += 1
+            errors = [rec] if isinstance(rec, RecordError) else check_files(rec, image_dir, decode)
+            for kind in dict.fromkeys(e.kind for e in errors):
+                report.failures[kind].append(next(e for e in errors if e.kind == kind))
+            if not errors:
+                report.good.append(raw)
+    return report
+
+
+def _print_report(report: ValidationReport, paths: list[str], max_ids: int = 20) -> None:
+    print(f"checked {report.total} record(s) in {', '.join(paths)}: {len(report.good)} good, {report.num_bad} bad")
+    for kind in FAILURE_KINDS:
+        errs = report.failures.get(kind)
+        if not errs:
+            continue
+        ids = ", ".join(e.record_id for e in errs[:max_ids]) + (f", ... ({len(errs) - max_ids} more)"
+                                                                 if len(errs) > max_ids else "")
+        print(f"  {kind}: {len(errs)} ({FAILURE_KINDS[kind]}): {ids}")
+        print(f"    e.g. {errs[0]}")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        report = validate_files(args.files, args.image_dir, for_training=not args.inference,
+                                decode=not args.no_decode)
+    except (AnnotationError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_report(report, args.files)
+    if args.write_clean:
+        write_json_records(args.write_clean, report.good)
+        print(f"wrote {len(report.good)} good record(s) to {args.write_clean}")
+        return 0
+    return 1 if report.num_bad else 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        records = load_records(args.input)
+    except (AnnotationError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_records(args.output, records, layout=args.to)
+    print(f"wrote {len(records)} record(s) in the {args.to} layout to {args.output}")
+    return 0
+
+
+def builder_kwargs(builder, options: list[str]) -> dict[str, Any]:
+    """`["--out", "d", "--n-train", "100"]` -> `{"out": "d", "n_train": 100}` (values parsed as YAML), checked
+    against the builder's signature: unknown or missing required options are errors that list the valid ones."""
+    import yaml
+
+    params = inspect.signature(builder).parameters
+    flags = ", ".join("--" + p.replace("_", "-") for p in params)
+    if len(options) % 2:
+        raise ValueError(f"builder options come in `--name value` pairs, got {options}; options: {flags}")
+    kwargs = {}
+    for flag, value in zip(options[::2], options[1::2]):
+        name = flag.lstrip("-").replace("-", "_")
+        if not flag.startswith("--") or name not in params:
+            raise ValueError(f"unknown option {flag!r} for builder {builder.registry_name!r}; options: {flags}")
+        kwargs[name] = yaml.safe_load(value)
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
+    if missing:
+        need = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ValueError(f"builder {builder.registry_name!r} needs {need}")
+    return kwargs
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from medm.registry import BUILDER
+
+    try:
+        builder = BUILDER.get(args.name)
+        kwargs = builder_kwargs(builder, args.options)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    written = builder(**kwargs)
+    for role, path in (written or {}).items():
+        print(f"{role}: {path}")
+    return 0
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add `medm data validate | convert | build`."""
+    p = subparsers.add_parser("data", help="check and convert conversation annotation files")
+    sub = p.add_subparsers(dest="data_command", required=True)
+    v = sub.add_parser("validate", help="check every record; list failures by kind with the bad ids",
+                       description="Check schema, turn order, <image>/<image3d> placeholders, and that every image "
+                                   "exists and decodes. Exit 1 when any record is bad, unless --write-clean.")
+    v.add_argument("files", nargs="+", help="annotation files (LLaVA / MedM-VL or ShareGPT; JSON list or JSONL)")
+    v.add_argument("--image-dir", help="base directory of relative image / volume paths")
+    v.add_argument("--write-clean", metavar="OUT", help="write the good records, as read, to OUT (.jsonl: JSONL, "
+                                                        "else a JSON list) and exit 0")
+    v.add_argument("--inference", action="store_true", help="records are prompts: a final human turn is fine")
+    v.add_argument("--no-decode", action="store_true", help="only check that image files exist (faster)")
+    v.set_defaults(func=_cmd_validate)
+    c = sub.add_parser("convert", help="convert between the LLaVA (internal) and ShareGPT (LLaMA-Factory) layouts")
+    c.add_argument("--to", required=True, choices=["sharegpt", "llava"], help="layout to write")
+    c.add_argument("input", help="annotation file, either layout")
+    c.add_argument("output", help="output file (.jsonl: JSONL, else a JSON list)")
+    c.set_defaults(func=_cmd_convert)
+    b = sub.add_parser("build", help="run a registered data builder (`medm list` shows them)",
+                       description="Write a data source as conversation records: medm data build NAME --out DIR "
+                                   "[--option value ...]; the options are the builder's arguments.")
+    b.add_argument("name", help="builder name, e.g. phantoms, vqa-rad")
+    b.add_argument("options", nargs=argparse.REMAINDER, help="--out DIR and other --option value pairs")
+    b.set_defaults(func=_cmd_build)

@@ -1,0 +1,182 @@
+"""`ConversationDataset`: records -> token ids, exact labels and pixel values, ready for `DataCollator`.
+
+Text is encoded once, when the dataset is built (fast: one render and tokenization per record and per assistant
+turn), so lengths are exact before any image is read, template problems surface at once (one `TemplateError`
+listing every bad record), and samples left without a supervised token are dropped, counted and logged. Images are
+loaded and preprocessed in `__getitem__`.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from medm.config import arg
+from medm.data.annotations import Record, load_records, resolve_path
+from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataArgs:
+    path: str | list | None = arg(None, "annotation file(s): LLaVA / MedM-VL or ShareGPT records, JSON list or JSONL")
+    image_dir: str | None = arg(None, "directory that relative image / volume paths start from; null: as written")
+    max_length: int = arg(2048, "most tokens per sample, image tokens included; longer samples are cut at the end, "
+                                "never inside an image (that image and later ones are dropped)")
+    template: str | None = arg(None, "registered chat template overriding the model's (e.g. `pretrain` for caption "
+                                     "pretraining); null: the model's")
+    system_prompt: str | None = arg(None, "system prompt overriding the model's; null: the model's")
+
+
+@dataclass
+class _Sample:
+    record: Record
+    ids: array  # token ids, one per media placeholder
+    labels: array
+    length: int  # after expansion and truncation
+    n_images: int  # images left after truncation
+    n_volumes: int
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Conversation records as model inputs.
+
+    Args:
+        records: normalised records (`medm.data.annotations.load_records`).
+        tokenizer: fast tokenizer with `<image>` / `<image3d>` added (`medm.models.builder.add_media_tokens`).
+        num_image_tokens: ids one `<image>` expands to (`model.num_image_tokens`).
+        num_image3d_tokens: ids one `<image3d>` expands to (`model.num_image3d_tokens`).
+        image_preprocess: PIL image -> (C, H, W) tensor (the encoder's `ImagePreprocess`); needed when any
+            record has images.
+        volume_preprocess: path -> (C, D, H, W) tensor; the hook for 3D loading (`medm.data.volumes`, a later
+            issue); needed when any record has volumes.
+        image_dir: base directory of relative image / volume paths.
+        template: registered chat template name; None: the tokenizer's own.
+        system_prompt: system prompt for records without one; None: the template's default.
+        max_length: most ids per sample, image ids included.
+
+    Items are dicts: `input_ids` (T,) long, `labels` (T,) long (-100 where not supervised), `pixel_values`
+    (n_images, C, H, W) float or None, `pixel_values_3d` (n_volumes, C, D, H, W) float or None, `length` T.
+    """
+
+    def __init__(self, records: Sequence[Record], tokenizer, *, num_image_tokens: int, num_image3d_tokens: int = 0,
+                 image_preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
+                 volume_preprocess: Callable[[str], torch.Tensor] | None = None, image_dir: str | None = None,
+                 template: str | None = None, system_prompt: str | None = None, max_length: int = 2048):
+        records = list(records)
+        self.format = ChatFormat(tokenizer, template, system_prompt)
+        self.image_preprocess = image_preprocess
+        self.volume_preprocess = volume_preprocess
+        self.image_dir = image_dir
+        self.max_length = max_length
+        self.sizes = self.format.media_sizes(num_image_tokens, num_image3d_tokens)
+        self._check_media_support(records, num_image_tokens, num_image3d_tokens)
+        self.samples: list[_Sample] = []
+        errors: list[TemplateError] = []
+        self.num_dropped = 0
+        for rec in records:
+            try:
+                ids, labels = self.format.encode(rec)
+            except TemplateError as e:
+                errors.append(e)
+                continue
+            full, lab, kept = expand_media(ids, labels, self.sizes, max_length)
+            if all(v == IGNORE_INDEX for v in lab):
+                self.num_dropped += 1
+                continue
+            self.samples.append(_Sample(rec, array("l", ids), array("l", labels), len(full),
+                                        kept.get(self.format.image_id, 0), kept.get(self.format.image3d_id, 0)))
+        if errors:
+            shown = "\n  ".join(str(e) for e in errors[:10])
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise TemplateError(f"{len(errors)} of {len(records)} record(s) cannot be encoded exactly:\n  "
+                                f"{shown}{more}")
+        if self.num_dropped:
+            logger.warning("dropped %d of %d record(s) left with no supervised token (no assistant answer within "
+                           "max_length=%d)", self.num_dropped, len(records), max_length)
+        logger.info("conversation dataset: %d samples from %d records, %d dropped", len(self.samples), len(records),
+                    self.num_dropped)
+
+    def _check_media_support(self, records: Sequence[Record], num_image_tokens: int, num_image3d_tokens: int) -> None:
+        with_images = next((r.id for r in records if r.image), None)
+        if with_images is not None and (self.image_preprocess is None or num_image_tokens < 1):
+            raise ValueError(f"record {with_images!r} has images, but the dataset has no image_preprocess or "
+                             f"num_image_tokens={num_image_tokens}: does the model have a 2D vision encoder?")
+        with_volumes = next((r.id for r in records if r.image3d), None)
+        if with_volumes is not None and (self.volume_preprocess is None or num_image3d_tokens < 1):
+            raise ValueError(f"record {with_volumes!r} has 3D volumes (`image3d`), but the dataset has no "
+                             f"volume_preprocess or num_image3d_tokens={num_image3d_tokens}: 3D loading needs a "
+                             "model with a 3D encoder and medm.data.volumes")
+
+    # ---- what samplers read without loading anything ---------------------------------------------------------
+    @property
+    def lengths(self) -> list[int]:
+        """Ids per sample (text + image tokens, after truncation), for length-grouped batching."""
+        return [s.length for s in self.samples]
+
+    @property
+    def modalities(self) -> list[str]:
+        """Per sample: `image3d` (has volumes), `image` (has 2D images) or `text`."""
+        return ["image3d" if s.n_volumes else "image" if s.n_images else "text" for s in self.samples]
+
+    def record(self, i: int) -> Record:
+        return self.samples[i].record
+
+    # ---- items --------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int | None]:
+        s = self.samples[i]
+        ids, labels, _ = expand_media(s.ids, s.labels, self.sizes, self.max_length)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": self._images(s.record, s.n_images),
+            "pixel_values_3d": self._volumes(s.record, s.n_volumes),
+            "length": len(ids),
+        }
+
+    def _images(self, record: Record, n: int) -> torch.Tensor | None:
+        """(n, C, H, W): the first n images of the record (later ones were cut by truncation), or None."""
+        if n == 0:
+            return None
+        from medm.data.images import load_image
+
+        return torch.stack([self.image_preprocess(load_image(resolve_path(p, self.image_dir)))
+                            for p in record.image[:n]])
+
+    def _volumes(self, record: Record, n: int) -> torch.Tensor | None:
+        """(n, C, D, H, W) through `volume_preprocess` (the 3D hook), or None."""
+        if n == 0:
+            return None
+        return torch.stack([self.volume_preprocess(resolve_path(p, self.image_dir)) for p in record.image3d[:n]])
+
+
+def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
+    """The dataset for a model: its template, system prompt, image token counts and encoder preprocessing.
+
+    `data_args.template` / `data_args.system_prompt` override the model's `config.template` / `system_prompt`.
+    """
+    from medm.registry import VISION
+
+    if not data_args.path:
+        raise ValueError("data.path: give the annotation file(s) to train or evaluate on")
+    cfg = model.config
+    image_preprocess = VISION.get(cfg.vision["name"]).preprocessor(cfg.vision) if cfg.vision else None
+    # 3D hook: medm.data.volumes will provide the volume preprocessing of `cfg.vision3d` here.
+    volume_preprocess = None
+    return ConversationDataset(
+        load_records(data_args.path, for_training=True), tokenizer,
+        num_image_tokens=model.num_image_tokens, num_image3d_tokens=model.num_image3d_tokens,
+        image_preprocess=image_preprocess, volume_preprocess=volume_preprocess, image_dir=data_args.image_dir,
+        template=data_args.template if data_args.template is not None else cfg.template,
+        system_prompt=data_args.system_prompt if data_args.system_prompt is not None else cfg.system_prompt,
+        max_length=data_args.max_length,
+    )

@@ -1,0 +1,367 @@
+"""Answer metrics for medical VQA: VQA answer normalisation, token overlap, BLEU, ROUGE, yes/no P/R/F1, choice
+matching and box IoU for grounding answers.
+
+Every function here scores one prediction (or one list of them) and returns fractions in [0, 1]; the protocols in
+`medm.eval.protocols` decide which metric a question gets and report percentages.
+
+Normalisation is the VQA-v2 evaluation's (GT-Vision-Lab `vqaEval.py`, `processPunctuation` + `processDigitArticle`),
+which LLaVA-Med's `normalize_word` also copies after lower-casing (its punctuation list, number map, articles and
+contraction map are the same as the Python 3 `vqaEval.py`). Two deliberate differences from the original code, neither
+of which changes a realistic answer: the number map is read without `setdefault` (the original inserts every word it
+sees into the map), and the period regex is applied without the accidental `count=re.UNICODE` (= 32) limit.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# ---- VQA answer normalisation (vqaEval.py) ---------------------------------------------------------------------
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
+    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've",
+    "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}
+MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+              "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+               "!")
+# The original pattern reads "(?!<=\d)": a typo for a lookbehind that makes it a lookahead which never fails, so in
+# effect every period not followed by a digit is removed ("2.5" keeps its period, "end." loses it). Kept as is.
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+YES, NO = "yes", "no"
+
+
+def process_punctuation(text: str) -> str:
+    """vqaEval's `processPunctuation`: each punctuation mark is deleted when it touches a space anywhere in the text
+    (or the text has a digit,digit group), otherwise replaced by a space; then periods not before a digit go."""
+    out = text
+    has_digit_comma = COMMA_STRIP.search(text) is not None
+    for p in PUNCTUATION:
+        # The decision is per mark over the whole input, as in the original: "x-ray, left" deletes "-" only if
+        # some "-" touches a space.
+        if p + " " in text or " " + p in text or has_digit_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return PERIOD_STRIP.sub("", out)
+
+
+def process_digit_article(text: str) -> str:
+    """vqaEval's `processDigitArticle`: lower-case, number words zero..ten (and "none") to digits, drop a / an / the,
+    and restore apostrophes of contractions written without them ("dont" -> "don't")."""
+    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words)
+
+
+def normalize_answer(text: Any) -> str:
+    """VQA-normalised answer: newlines / tabs to spaces, lower case, punctuation, periods, number words, articles,
+    contractions. Non-strings (VQA-RAD has integer answers) are turned into strings first.
+
+    Example:
+        >>> normalize_answer("The Left Lung.")
+        'left lung'
+        >>> normalize_answer("Two")
+        '2'
+    """
+    text = str(text).replace("\n", " ").replace("\t", " ").strip().lower()
+    return process_digit_article(process_punctuation(text))
+
+
+def tokens(text: Any) -> list[str]:
+    """Whitespace tokens of the normalised text."""
+    return normalize_answer(text).split()
+
+
+def yes_no_of(text: Any) -> str | None:
+    """The first "yes" or "no" token of the normalised text, or None ("No, there is none." -> "no")."""
+    for tok in tokens(text):
+        if tok in (YES, NO):
+            return tok
+    return None
+
+
+def contains_phrase(words: Sequence[str], phrase: Sequence[str]) -> bool:
+    """True when `phrase` occurs in `words` as a contiguous run of whole tokens (an empty phrase never does)."""
+    n = len(phrase)
+    if n == 0:
+        return False
+    return any(list(words[i:i + n]) == list(phrase) for i in range(len(words) - n + 1))
+
+
+# ---- open-ended token overlap ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenScores:
+    """Token overlap of one prediction with one reference, each in [0, 1]."""
+
+    precision: float
+    recall: float
+    f1: float
+
+
+def token_scores(prediction: Any, reference: Any) -> TokenScores:
+    """Token precision / recall / F1 on normalised tokens, each reference token matched at most once (clipped
+    counts, as SQuAD's F1): "left left left" vs "left lung" has 1 match, recall 1/2, precision 1/3.
+
+    An empty prediction or reference scores 0 everywhere.
+    """
+    pred, ref = Counter(tokens(prediction)), Counter(tokens(reference))
+    overlap = sum((pred & ref).values())
+    if overlap == 0:
+        return TokenScores(0.0, 0.0, 0.0)
+    p, r = overlap / sum(pred.values()), overlap / sum(ref.values())
+    return TokenScores(p, r, 2 * p * r / (p + r))
+
+
+def exact_match(prediction: Any, reference: Any) -> bool:
+    """Normalised prediction equals the normalised reference."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+# ---- BLEU and ROUGE --------------------------------------------------------------------------------------------
+def bleu(prediction: Any, reference: Any, n: int = 4, smoothing: str | None = "method1",
+         normalize: bool = True) -> float:
+    """Cumulative sentence BLEU-n (uniform weights 1/n over 1..n-grams) from `nltk.translate.bleu_score`.
+
+    Args:
+        prediction / reference: strings; tokenised on whitespace after VQA normalisation (`normalize=True`) or after
+            lower-casing only.
+        n: highest n-gram order, 1..4.
+        smoothing: name of an `nltk` `SmoothingFunction` method. The default "method1" (Chen & Cherry 2014: add 0.1
+            to the count of an n-gram order with no match) keeps BLEU-2..4 of short answers from collapsing to 0
+            because a one- or two-word answer has no 3-grams; None is nltk's unsmoothed BLEU. BLEU-1 is the same
+            either way (nltk returns 0 when no unigram matches, whatever the smoothing).
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not 1 <= n <= 4:
+        raise ValueError(f"BLEU order n must be 1..4, got {n}")
+    prep = normalize_answer if normalize else (lambda t: str(t).lower())
+    hyp, ref = prep(prediction).split(), prep(reference).split()
+    if not hyp or not ref:
+        return 0.0
+    fn = getattr(SmoothingFunction(), smoothing) if smoothing else None
+    return float(sentence_bleu([ref], hyp, weights=tuple([1.0 / n] * n), smoothing_function=fn))
+
+
+def bleu_scores(prediction: Any, reference: Any, smoothing: str | None = "method1",
+                normalize: bool = True) -> dict[str, float]:
+    """`{"bleu1": ..., "bleu4": ...}`: cumulative BLEU-1..4 (see `bleu`)."""
+    return {f"bleu{n}": bleu(prediction, reference, n, smoothing, normalize) for n in range(1, 5)}
+
+
+@functools.lru_cache(maxsize=2)
+def _rouge_scorer(use_stemmer: bool):
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
+
+
+def rouge(prediction: Any, reference: Any, normalize: bool = True, use_stemmer: bool = False) -> dict[str, float]:
+    """ROUGE-1 / ROUGE-2 / ROUGE-L F-measures from the `rouge-score` package: `{"rouge1", "rouge2", "rougeL"}`.
+
+    `rouge-score` lower-cases and splits on non-alphanumerics itself; `normalize=True` applies VQA normalisation
+    first (so articles and number words do not count).
+    """
+    prep = normalize_answer if normalize else str
+    pred, ref = prep(prediction), prep(reference)
+    scores = _rouge_scorer(use_stemmer).score(ref, pred)  # score(target, prediction)
+    return {k: float(v.fmeasure) for k, v in scores.items()}
+
+
+# ---- closed-ended ----------------------------------------------------------------------------------------------
+def yes_no_prf(predicted_yes: Sequence[bool], gold_yes: Sequence[bool]) -> dict[str, float | None]:
+    """Precision / recall / F1 of yes/no answers with "yes" as the positive class, and accuracy.
+
+    A prediction that states neither yes nor no counts as not-yes. Undefined ratios are None, not 0: precision
+    when "yes" was never predicted, recall when "yes" was never the answer, F1 when neither.
+    """
+    if len(predicted_yes) != len(gold_yes):
+        raise ValueError(f"{len(predicted_yes)} predictions but {len(gold_yes)} gold labels")
+    tp = sum(p and g for p, g in zip(predicted_yes, gold_yes))
+    fp = sum(p and not g for p, g in zip(predicted_yes, gold_yes))
+    fn = sum(g and not p for p, g in zip(predicted_yes, gold_yes))
+    correct = sum(p == g for p, g in zip(predicted_yes, gold_yes))
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    # F1 = 2TP / (2TP + FP + FN): defined (and 0) when yes was never predicted but was the answer.
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "accuracy": correct / len(gold_yes) if gold_yes else None}
+
+
+# Clause ends: . ! ? ; : before a space or the end (so "2.5" stays whole), a comma before a space, a newline, or
+# a contrasting "but" / "however".
+_CLAUSE_END = re.compile(r"[.!?;:](?=\s|$)|,\s|\n|\bbut\b|\bhowever\b", re.IGNORECASE)
+_OR = re.compile(r"\bor\b")
+# Words skipped when reading an option after "or": "multiple or just 1 focus" offers "multiple" and "1".
+_OPTION_FILLERS = frozenset(ARTICLES + ("just", "only"))
+
+
+def first_clause(text: Any) -> str:
+    """The prediction up to its first clause end (". ", ", ", ";", "!", "?", ":", a newline, "but", "however")."""
+    for part in _CLAUSE_END.split(str(text)):
+        if part.strip():
+            return part.strip()
+    return ""
+
+
+def question_options(question: str) -> list[str]:
+    """The normalised options a choice question offers, read around its "or"s and commas.
+
+    "Is this an MRI or a CT scan?" -> ["mri", "ct"]; "left, right, or both sides?" -> ["left", "right", "both"].
+    The word before the first option list and after the last "or" are single words (the text around them is the
+    question's own); middle items are kept whole. Returns [] for a question without "or".
+    """
+    parts = _OR.split(str(question).lower().rstrip(" ?."))
+    if len(parts) < 2:
+        return []
+    head, *middle = parts[0].split(",")  # "... on the left, right," -> "... on the left" + ["right", ""]
+    for p in parts[1:-1]:
+        middle += p.split(",")
+    tail = parts[-1].split(",")[0]  # "both sides of the lung"
+    tail_words = [w for w in normalize_answer(tail).split() if w not in _OPTION_FILLERS]
+    options = normalize_answer(head).split()[-1:] + [normalize_answer(s) for s in middle] + tail_words[:1]
+    return list(dict.fromkeys(o for o in options if o))
+
+
+def choice_correct(prediction: Any, answer: Any, question: str | None = None) -> bool:
+    """Strict scoring of a closed question whose answer is not yes/no ("Is this an MRI or a CT?" -> "CT").
+
+    The answer must appear as whole words in the prediction's first clause. When `question` is given, its options
+    are read (`question_options`) and a first clause that also names another option is wrong (both named); when
+    the answer holds exactly one option ("right side" for "left or right side"), naming that option suffices. A
+    first clause naming no option is wrong (neither named).
+    """
+    clause = tokens(first_clause(prediction))
+    ans = normalize_answer(answer)
+    options = question_options(question) if question else []
+    in_answer = [o for o in options if contains_phrase(ans.split(), o.split())]
+    key = in_answer[0] if len(in_answer) == 1 else ans
+    if not contains_phrase(clause, key.split()):
+        return False
+    others = [o for o in options if o != key and not contains_phrase(ans.split(), o.split())]
+    return not any(contains_phrase(clause, o.split()) for o in others)
+
+
+# ---- grounding: boxes ------------------------------------------------------------------------------------------
+Box = tuple[float, float, float, float]  # (x1, y1, x2, y2) in pixels
+
+_NUM = r"[-+]?\d+(?:\.\d+)?"
+# Qwen-VL / MedM-VL style: <box>(x1,y1),(x2,y2)</box>, coordinates on a 0-1000 grid over the image; Qwen-VL-Chat
+# writes the same inside <|box_start|> ... <|box_end|>.
+_BOX_1000 = re.compile(
+    rf"(?:<box>|<\|box_start\|>)\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*"
+    r"(?:</box>|<\|box_end\|>)")
+# Qwen2.5-VL style: {"bbox_2d": [x1, y1, x2, y2], "label": ...} in pixels, possibly in a ```json fence or a list;
+# matched directly so a truncated or slightly malformed JSON answer still yields its boxes.
+_BBOX_2D = re.compile(rf"[\"']bbox_2d[\"']\s*:\s*\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+
+
+def parse_boxes(text: str, image_size: tuple[int, int] | None = None) -> list[Box]:
+    """Every box in a model answer, in the order written, in pixels.
+
+    Args:
+        text: the answer. `<box>(x1,y1),(x2,y2)</box>` coordinates are on a 0-1000 grid and are scaled by the
+            image size; `"bbox_2d": [x1, y1, x2, y2]` (Qwen2.5-VL JSON) are pixels of the image the model saw and
+            are returned as written.
+        image_size: (width, height) in pixels; needed only for the 0-1000 format.
+
+    Raises:
+        ValueError: a 0-1000 box without `image_size`.
+    """
+    found: list[tuple[int, Box]] = []
+    for m in _BOX_1000.finditer(text):
+        if image_size is None:
+            raise ValueError(f"box {m.group(0)!r} is on the 0-1000 grid: pass image_size=(width, height)")
+        w, h = image_size
+        x1, y1, x2, y2 = (float(v) for v in m.groups())
+        found.append((m.start(), (x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000)))
+    for m in _BBOX_2D.finditer(text):
+        found.append((m.start(), tuple(float(v) for v in m.groups())))
+    return [box for _, box in sorted(found, key=lambda t: t[0])]
+
+
+def parse_box(text: str, image_size: tuple[int, int] | None = None) -> Box | None:
+    """The first box of `parse_boxes`, or None when the answer holds none."""
+    boxes = parse_boxes(text, image_size)
+    return boxes[0] if boxes else None
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes on continuous coordinates (area = width * height, no
+    +1 pixel convention). Corners may come in either order. Two empty boxes give 0."""
+    ax1, ax2 = sorted((float(a[0]), float(a[2])))
+    ay1, ay2 = sorted((float(a[1]), float(a[3])))
+    bx1, bx2 = sorted((float(b[0]), float(b[2])))
+    by1, by2 = sorted((float(b[1]), float(b[3])))
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def as_box(value: Any, image_size: tuple[int, int] | None = None) -> Box | None:
+    """A reference box given as 4 pixel numbers, or as text in either answer format (first box)."""
+    if isinstance(value, str):
+        return parse_box(value, image_size)
+    if isinstance(value, Sequence) and len(value) == 4:
+        return tuple(float(v) for v in value)
+    raise ValueError(f"a box must be 4 numbers (x1, y1, x2, y2) or text with a box, got {value!r}")
+
+
+def grounding_scores(predictions: Sequence[str], references: Sequence[Any],
+                     image_sizes: Sequence[tuple[int, int] | None] | None = None,
+                     threshold: float = 0.5) -> dict[str, float | int | None]:
+    """Mean IoU and accuracy at an IoU threshold of the first predicted box against the reference box.
+
+    A prediction without a box scores IoU 0 and counts in `n_unparsed`.
+
+    Returns:
+        `{"mean_iou", "acc_at_iou", "threshold", "n", "n_unparsed"}`, fractions in [0, 1] (None when n is 0).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    sizes = list(image_sizes) if image_sizes is not None else [None] * len(predictions)
+    ious, unparsed = [], 0
+    for i, (pred, ref, size) in enumerate(zip(predictions, references, sizes)):
+        gold = as_box(ref, size)
+        if gold is None:
+            raise ValueError(f"reference {i} holds no box: {ref!r}")
+        box = parse_box(pred, size)
+        unparsed += box is None
+        ious.append(box_iou(box, gold) if box is not None else 0.0)
+    n = len(ious)
+    return {"mean_iou": sum(ious) / n if n else None,
+            "acc_at_iou": sum(v >= threshold for v in ious) / n if n else None,
+            "threshold": threshold, "n": n, "n_unparsed": unparsed}
