@@ -56,13 +56,15 @@ VISION = Registry("vision encoder")
 CONNECTOR = Registry("connector")
 LLM = Registry("LLM family")
 TEMPLATE = Registry("chat template")
+BUILDER = Registry("data builder")
 
-REGISTRIES = {"vision": VISION, "connector": CONNECTOR, "llm": LLM, "template": TEMPLATE}
+REGISTRIES = {"vision": VISION, "connector": CONNECTOR, "llm": LLM, "template": TEMPLATE, "builder": BUILDER}
 
 
 def _load_components() -> None:
     # Registration happens when a component's module is imported; import the packages that hold
     # them on first lookup, so `medm.registry` itself stays import-cheap.
+    import medm.data.builders  # noqa: F401
     import medm.data.templates  # noqa: F401
     import medm.models.connectors  # noqa: F401
     import medm.models.llm  # noqa: F401
