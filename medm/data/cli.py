@@ -1,9 +1,10 @@
-"""`medm data validate | convert | build`: check annotation files record by record, convert between layouts, and
-run a registered data builder.
+"""`medm data validate | convert | build | split`: check annotation files record by record, convert between layouts,
+run a registered data builder, and split a file into train / dev by group.
 
     medm data validate train.json --image-dir images/ [--write-clean clean.json] [--inference]
     medm data convert --to sharegpt train.json train_sharegpt.json
     medm data build vqa-rad --out data/vqa_rad --src ../shared/data/vqa_rad
+    medm data split labels.json --out data/spine --dev-ratio 0.2 --seed 0
 """
 
 from __future__ import annotations
@@ -155,8 +156,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_split(args: argparse.Namespace) -> int:
+    from medm.data.split import SplitError, split_file
+
+    try:
+        result = split_file(args.file, args.out, args.dev_ratio, args.seed, args.by, args.list_key or None)
+    except (SplitError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, c in result["counts"].items():
+        print(f"{name}: {result[name]} ({c['items']} item(s), {c['groups']} {args.by} group(s))")
+    return 0
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Add `medm data validate | convert | build`."""
+    """Add `medm data validate | convert | build | split`."""
     p = subparsers.add_parser("data", help="check and convert conversation annotation files")
     sub = p.add_subparsers(dest="data_command", required=True)
     v = sub.add_parser("validate", help="check every record; list failures by kind with the bad ids",
@@ -180,3 +194,16 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("name", help="builder name, e.g. phantoms, vqa-rad")
     b.add_argument("options", nargs=argparse.REMAINDER, help="--out DIR and other --option value pairs")
     b.set_defaults(func=_cmd_build)
+    s = sub.add_parser("split", help="split a file into train / dev by group (study, image), deterministic per seed",
+                       description="Items sharing the --by value go to the same side; groups are shuffled with "
+                                   "--seed and round(dev-ratio * groups) go to dev. Writes OUT/train.json and "
+                                   "OUT/dev.json in the input's shape.")
+    s.add_argument("file", help="JSON list, JSONL, or a JSON object holding the list under --list-key")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--dev-ratio", type=float, default=0.1, help="share of groups that go to dev (default 0.1)")
+    s.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    s.add_argument("--by", default="study_id", help="item field that forms the groups (default study_id; records: "
+                                                    "image)")
+    s.add_argument("--list-key", default="studies", help="key of the item list when the file is a JSON object "
+                                                         "(default studies, the spine label schema)")
+    s.set_defaults(func=_cmd_split)
