@@ -1,0 +1,23 @@
+"""Training: stage plans on the HF Trainer (DeepSpeed / torchrun for scale-out), checkpoints and export.
+
+Names load on first use, so `medm.cli` can import `medm.train.cli` without importing the Trainer.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "LoraArgs": "medm.train.args", "StagePlan": "medm.train.args", "TrainArgs": "medm.train.args",
+    "TrainConfig": "medm.train.args", "load_train_config": "medm.train.args", "parse_train_config": "medm.train.args",
+    "apply_plan": "medm.train.stages", "resolve_plan": "medm.train.stages",
+    "trainable_parameter_names": "medm.train.stages",
+    "MedMTrainer": "medm.train.trainer", "run_training": "medm.train.trainer",
+    "export_merged": "medm.train.checkpoint", "load_trained": "medm.train.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medm.train' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -1,0 +1,140 @@
+"""Train config: one YAML with `model:`, `data:`, `stage:` and `train:` sections, parsed into dataclasses.
+
+`medm train configs/train/finetune.yaml train.learning_rate=1e-4 stage.init_from=runs/pretrain` reads the file,
+applies the dotted overrides, and checks every key: an unknown one is an error naming the section and listing
+the valid keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from medm.config import ConfigError, apply_overrides, arg, from_dict, load_yaml, resolve_relative
+from medm.models import ModelArgs, parse_model_args
+
+
+@dataclass
+class LoraArgs:
+    r: int = arg(16, "LoRA rank")
+    alpha: int = arg(32, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = arg(0.05, "dropout on the LoRA input")
+    target_modules: list | None = arg(None, "LLM linear layers to adapt, as name suffixes (e.g. [q_proj, v_proj]) "
+                                            "or [all-linear]; null: the LLM family's default "
+                                            "(model.llm.lora_target_modules; Phi-3 uses its fused qkv_proj)")
+    encoder_target_modules: list | None = arg(None, "encoder linear layers to adapt when an encoder is `lora`; "
+                                                    "null: every linear layer of that encoder")
+
+
+@dataclass
+class StagePlan:
+    """What one stage trains. Modes: `frozen`, `full`, `lora`, `qlora` (LLM only; CUDA + bitsandbytes),
+    `partial:N` (encoders only: the last N blocks). A component the model lacks must stay unset."""
+
+    vision: str | None = arg(None, "2D encoder: frozen | full | lora | partial:N; null: frozen")
+    connector: str | None = arg(None, "2D connector: frozen | full; null: full")
+    llm: str | None = arg(None, "language model: frozen | full | lora | qlora; null: full")
+    vision3d: str | None = arg(None, "3D encoder: frozen | full | lora | partial:N; null: frozen")
+    connector3d: str | None = arg(None, "3D connector: frozen | full; null: full")
+    lora: LoraArgs = arg(None, "LoRA settings for the components set to lora / qlora")
+    init_from: str | None = arg(None, "checkpoint directory of an earlier stage whose weights start this one "
+                                      "(full, connector-only or LoRA); a new run, not a resume")
+
+    def __post_init__(self):
+        if self.lora is None:
+            self.lora = LoraArgs()
+
+
+@dataclass
+class TrainArgs:
+    """The subset of transformers' TrainingArguments medm exposes, plus medm's own settings."""
+
+    output_dir: str | None = arg(None, "where checkpoints, metrics.jsonl, TensorBoard logs and loss.png go")
+    num_train_epochs: float = arg(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = arg(-1, "optimizer steps to run; -1: use num_train_epochs")
+    per_device_train_batch_size: int = arg(8, "samples per device per forward pass")
+    gradient_accumulation_steps: int = arg(1, "forward passes per optimizer step")
+    learning_rate: float = arg(2e-5, "peak learning rate")
+    connector_lr: float | None = arg(None, "peak learning rate of the connector(s); null: learning_rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)")
+    warmup_steps: float = arg(0.03, "linear warmup: steps (>= 1) or a fraction of all steps (< 1)")
+    lr_scheduler_type: str = arg("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    optim: str = arg("adamw_torch", "transformers optimizer name")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.999, "AdamW beta2")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    bf16: bool = arg(False, "bfloat16 mixed precision (Ampere+ GPU, or the CPU)")
+    fp16: bool = arg(False, "float16 mixed precision (CUDA only)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
+    logging_steps: float = arg(10, "log every N steps (or a fraction of all steps when < 1)")
+    save_strategy: str = arg("steps", "when to write checkpoint-N directories: steps, epoch, no")
+    save_steps: float = arg(500, "checkpoint every N steps (save_strategy: steps)")
+    save_total_limit: int | None = arg(None, "keep at most this many checkpoint-N directories; null: all")
+    seed: int = arg(42, "seed for weight init, data order and dropout (equal seeds make runs repeatable)")
+    dataloader_num_workers: int = arg(0, "data loading worker processes")
+    train_sampling_strategy: str = arg("random", "random, sequential, or group_by_length (needs dataset lengths)")
+    deepspeed: str | None = arg(None, "DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json, ...)")
+    device: str = arg("auto", "auto (CUDA when available), cuda, or cpu (gloo backend for multi-process runs)")
+    resume_from_checkpoint: str | bool | None = arg(None, "resume this run: a checkpoint-N directory, or true for "
+                                                          "the latest one in output_dir (optimizer, scheduler, RNG "
+                                                          "and data position); not init_from")
+    report_to: list = arg(["tensorboard"], "logging integrations; [] for none (metrics.jsonl is always written)")
+    disable_tqdm: bool = arg(False, "turn off the console progress bar")
+    plot_loss: bool = arg(True, "write loss.png (training loss curve) into output_dir at the end")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArgs = arg(None, "model config: a path to a configs/model/*.yaml file or an inline mapping")
+    data: dict | None = arg(None, "data section (medm.data.DataArgs: path, image_dir, max_length, ...)")
+    stage: StagePlan = arg(None, "what this stage trains, and the checkpoint it starts from")
+    train: TrainArgs = arg(None, "optimisation, precision, logging and saving")
+
+    def __post_init__(self):
+        self.stage = self.stage or StagePlan()
+        self.train = self.train or TrainArgs()
+
+
+def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> TrainConfig:
+    """Validate a train config mapping; `model` may be a YAML path (relative to cwd or to `where`)."""
+    cfg = dict(cfg)
+    unknown = [k for k in cfg if k not in ("model", "data", "stage", "train")]
+    if unknown:
+        raise ConfigError(f"{where}: unknown section {unknown[0]!r}; valid sections: model, data, stage, train")
+    model = cfg.get("model")
+    if model is None:
+        raise ConfigError(f"{where}: `model` is required (a configs/model/*.yaml path or a mapping)")
+    model_where = f"{where}: model"
+    if isinstance(model, str):
+        model_where = _model_file(model, where)
+        model = load_yaml(model_where)
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: `model` must be a path or a mapping, got {type(model).__name__}")
+    stage = from_dict(StagePlan, cfg.get("stage"), f"{where}: stage")
+    train = from_dict(TrainArgs, cfg.get("train"), f"{where}: train")
+    if not train.output_dir:
+        raise ConfigError(f"{where}: train.output_dir is required")
+    if cfg.get("data") is not None and not isinstance(cfg["data"], dict):
+        raise ConfigError(f"{where}: `data` must be a mapping")
+    return TrainConfig(model=parse_model_args(model, model_where), data=cfg.get("data"), stage=stage, train=train)
+
+
+def _model_file(path: str, where: str) -> str:
+    found = resolve_relative(path, where)
+    if not os.path.isfile(found):
+        raise ConfigError(f"{where}: model file {path!r} not found")
+    return found
+
+
+def load_train_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a train YAML and apply `a.b=c` overrides in order.
+
+    `model=configs/model/tiny.yaml` swaps the model file; a later `model.llm.dtype=bfloat16` edits inside it.
+    """
+    cfg = load_yaml(path)
+    for item in overrides or []:
+        if item.startswith("model.") and isinstance(cfg.get("model"), str):
+            cfg["model"] = load_yaml(_model_file(cfg["model"], path))
+        apply_overrides(cfg, [item])
+    return parse_train_config(cfg, where=path)

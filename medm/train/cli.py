@@ -1,0 +1,56 @@
+"""`medm train CONFIG [a.b=c ...]` and `medm export --merge SRC OUT`.
+
+    medm train configs/train/finetune.yaml model=configs/model/tiny.yaml data.path=train.json train.max_steps=10
+    torchrun --nproc_per_node 4 -m medm.cli train configs/train/finetune.yaml data.path=train.json
+    medm export --merge runs/finetune_lora runs/finetune_lora_merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("medm").setLevel(logging.INFO)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medm.train.args import load_train_config
+    from medm.train.trainer import run_training
+
+    _setup_logging()
+    cfg = load_train_config(args.config, args.overrides)
+    trainer = run_training(cfg)
+    if trainer.is_world_process_zero():
+        print(f"saved to {cfg.train.output_dir}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medm.train.checkpoint import export_merged
+
+    _setup_logging()
+    print(f"merged model written to {export_merged(args.src, args.out, base=args.base)}")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train one stage: medm train CONFIG [a.b=c ...]",
+                              description="Train one stage from a train YAML (configs/train/*.yaml); dotted "
+                                          "overrides such as train.learning_rate=1e-4 or "
+                                          "model=configs/model/tiny.yaml follow the file.")
+    p.add_argument("config", help="train YAML with model / data / stage / train sections")
+    p.add_argument("overrides", nargs="*", help="a.b=c overrides, applied in order (values parsed as YAML)")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("export", help="write a standalone model from a training checkpoint",
+                              description="medm export --merge SRC OUT: fold a LoRA adapter (or a connector-only "
+                                          "checkpoint) into its base weights; OUT opens with medm.models.load_model.")
+    p.add_argument("--merge", action="store_true", required=True, help="merge adapters / components into the base")
+    p.add_argument("--base", default=None, help="full checkpoint holding the base weights (default: the one the "
+                                                "checkpoint's medm_checkpoint.json names)")
+    p.add_argument("src", help="training checkpoint directory (output_dir or a checkpoint-N)")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=_cmd_export)

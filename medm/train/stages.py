@@ -1,0 +1,196 @@
+"""Stage plans: which components train, and how (`frozen | full | lora | qlora | partial:N`).
+
+`apply_plan(model, plan)` freezes the model, unfreezes what the plan trains, and wraps the model in a PEFT
+`PeftModel` when a component is `lora` / `qlora`. Under LoRA, components that train fully (e.g. the connector)
+and partially trained encoder blocks become PEFT `modules_to_save`, so the adapter checkpoint holds them too
+and `merge_and_unload` gives back a plain medm model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medm.config import ConfigError
+from medm.train.args import StagePlan
+
+logger = logging.getLogger(__name__)
+
+ENCODERS = ("vision", "vision3d")
+CONNECTORS = ("connector", "connector3d")
+COMPONENTS = ("vision", "connector", "llm", "vision3d", "connector3d")
+DEFAULT_MODES = {"vision": "frozen", "connector": "full", "llm": "full", "vision3d": "frozen", "connector3d": "full"}
+ALLOWED = {"vision": ("frozen", "full", "lora", "partial"), "vision3d": ("frozen", "full", "lora", "partial"),
+           "connector": ("frozen", "full"), "connector3d": ("frozen", "full"),
+           "llm": ("frozen", "full", "lora", "qlora")}
+
+# Checkpoint formats a plan saves as (see medm.train.checkpoint).
+FULL, COMPONENTS_ONLY, LORA = "full", "components", "lora"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One component's mode; `blocks` is N of `partial:N`."""
+
+    kind: str
+    blocks: int = 0
+
+    @property
+    def trains(self) -> bool:
+        return self.kind != "frozen"
+
+    @property
+    def adapter(self) -> bool:
+        return self.kind in ("lora", "qlora")
+
+
+def parse_mode(component: str, value: str) -> Mode:
+    """`full` -> Mode("full"); `partial:2` -> Mode("partial", 2); errors name `stage.<component>`."""
+    text = str(value).strip()
+    kind, _, n = text.partition(":")
+    if kind not in ALLOWED[component]:
+        raise ConfigError(f"stage.{component}: {value!r} is not a mode for the {component}; "
+                          f"valid: {', '.join('partial:N' if a == 'partial' else a for a in ALLOWED[component])}")
+    if kind == "partial":
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"stage.{component}: {value!r} must be partial:N with N >= 1 (the last N blocks)")
+        return Mode(kind, int(n))
+    if n:
+        raise ConfigError(f"stage.{component}: {value!r}: only partial takes a ':N'")
+    return Mode(kind)
+
+
+def resolve_plan(model: nn.Module, plan: StagePlan) -> dict[str, Mode]:
+    """Each component the model has -> its Mode (defaults filled); setting a component it lacks is an error."""
+    modes = {}
+    for name in COMPONENTS:
+        value = getattr(plan, name)
+        present = getattr(model, name) is not None
+        if not present:
+            if value is not None:
+                raise ConfigError(f"stage.{name}: set to {value!r} but the model has no {name}")
+            continue
+        modes[name] = parse_mode(name, value if value is not None else DEFAULT_MODES[name])
+    if not any(m.trains for m in modes.values()):
+        raise ConfigError("stage: every component is frozen; nothing would train")
+    return modes
+
+
+def checkpoint_format(modes: dict[str, Mode]) -> str:
+    """`lora` when anything uses an adapter; `components` when the LLM is frozen (save only what trains);
+    else `full`."""
+    if any(m.adapter for m in modes.values()):
+        return LORA
+    return COMPONENTS_ONLY if not modes["llm"].trains else FULL
+
+
+def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's transformer blocks: its `blocks` attribute when it has one, else its longest ModuleList of
+    same-type modules (HF `encoder.layers`, open_clip `resblocks`, timm `blocks`)."""
+    blocks = getattr(encoder, "blocks", None)
+    if isinstance(blocks, nn.ModuleList):
+        return blocks
+    lists = [m for m in encoder.modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
+    if not lists:
+        raise ValueError(f"{type(encoder).__name__} has no list of blocks; partial:N cannot pick its last blocks")
+    longest = max(len(m) for m in lists)
+    candidates = [m for m in lists if len(m) == longest]
+    if len(candidates) > 1:
+        raise ValueError(f"{type(encoder).__name__} has {len(candidates)} block lists of length {longest}; "
+                         "give the encoder a `blocks` attribute so partial:N knows which to use")
+    return candidates[0]
+
+
+def _linear_names(module: nn.Module, prefix: str, targets: list[str] | None, exclude: set[int],
+                  where: str) -> list[str]:
+    """Full names of the nn.Linear layers under `module` matching `targets` (suffixes; None or all-linear: all)."""
+    every = targets is None or list(targets) == ["all-linear"]
+    names, hit = [], set()
+    for name, sub in module.named_modules():
+        if not isinstance(sub, nn.Linear) or id(sub) in exclude:
+            continue
+        if every:
+            names.append(f"{prefix}.{name}")
+            continue
+        for t in targets:
+            if name == t or name.endswith("." + t):
+                names.append(f"{prefix}.{name}")
+                hit.add(t)
+    missing = [] if every else [t for t in targets if t not in hit]
+    if missing or not names:
+        raise ConfigError(f"{where}: no linear layer of the {prefix} matches {missing or targets}")
+    return names
+
+
+def quantize_4bit(llm: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Replace the LLM's linear layers (not the output head) by bitsandbytes NF4 layers on the GPU (QLoRA)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("stage.llm: qlora quantizes the LLM to 4 bits with bitsandbytes, which needs a CUDA GPU; "
+                           "use lora on the CPU")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError("stage.llm: qlora needs the bitsandbytes package (pip install -e '.[gpu]')") from None
+    head = llm.get_output_embeddings()
+    for name, sub in list(llm.named_modules()):
+        if not isinstance(sub, nn.Linear) or sub is head:
+            continue
+        q = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(sub.weight.data.to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4")
+        if sub.bias is not None:
+            q.bias = nn.Parameter(sub.bias.data.to(compute_dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent_name) if parent_name else llm, child, q.cuda())  # .cuda() quantizes
+
+
+def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Set `requires_grad` as the plan says; returns the model to train (a PeftModel when LoRA is used)."""
+    modes = resolve_plan(model, plan)
+    if modes["llm"].kind == "qlora":
+        quantize_4bit(model.llm, compute_dtype)
+    model.requires_grad_(False)
+    lora_targets: list[str] = []
+    to_save: list[str] = []
+    for name, mode in modes.items():
+        comp = getattr(model, name)
+        if mode.kind == "full":
+            comp.requires_grad_(True)
+            to_save.append(name)
+        elif mode.kind == "partial":
+            blocks = encoder_blocks(comp)
+            if mode.blocks > len(blocks):
+                raise ConfigError(f"stage.{name}: partial:{mode.blocks} but the encoder has {len(blocks)} blocks")
+            prefix = next(n for n, m in model.named_modules() if m is blocks)
+            for i in range(len(blocks) - mode.blocks, len(blocks)):
+                blocks[i].requires_grad_(True)
+                to_save.append(f"{prefix}.{i}")
+        elif mode.adapter:
+            head = {id(model.llm.get_output_embeddings())} if name == "llm" else set()
+            targets = plan.lora.target_modules if name == "llm" else plan.lora.encoder_target_modules
+            if name == "llm" and targets is None:
+                targets = model.config.llm.get("lora_target_modules")
+            lora_targets += _linear_names(comp, name, targets, head, f"stage.lora ({name})")
+    if not lora_targets:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=plan.lora.r, lora_alpha=plan.lora.alpha, lora_dropout=plan.lora.dropout,
+                        target_modules=lora_targets, modules_to_save=to_save or None, bias="none")
+    # Only the base model's embeddings feed the LLM; PEFT's own model-type tweaks are not wanted (task_type None).
+    return get_peft_model(model, config)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def describe(model: nn.Module) -> str:
+    """`trainable 1.2M / 150M params (0.8%)` for the log."""
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable {train / 1e6:.3g}M / {total / 1e6:.3g}M params ({100 * train / max(total, 1):.2g}%)"

@@ -1,0 +1,84 @@
+"""Train YAMLs: every shipped one parses (and builds its stage on the tiny model); bad keys and settings are named."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO
+
+from medm.config import ConfigError
+from medm.models import build_model
+from medm.train.args import TrainArgs, load_train_config, parse_train_config
+from medm.train.stages import apply_plan, checkpoint_format, resolve_plan
+from medm.train.trainer import resolve_device
+
+TRAIN_YAMLS = sorted((REPO / "configs" / "train").glob("*.yaml"))
+EXPECTED_FORMAT = {"pretrain": "components", "finetune": "full", "finetune_lora": "lora"}
+
+
+def test_the_three_stage_yamls_ship():
+    assert {p.stem for p in TRAIN_YAMLS} >= set(EXPECTED_FORMAT)
+
+
+@pytest.mark.parametrize("path", TRAIN_YAMLS, ids=[p.stem for p in TRAIN_YAMLS])
+def test_every_train_yaml_parses_and_plans_on_the_tiny_model(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    text = path.read_text()
+    assert text.startswith("# ") and f"medm train configs/train/{path.name}" in text.splitlines()[1]
+    cfg = load_train_config(str(path))  # as written: its model file and every key validate
+    assert cfg.train.output_dir and cfg.data["path"]
+    if cfg.train.deepspeed:
+        assert (REPO / cfg.train.deepspeed).is_file()
+    tiny = load_train_config(str(path), ["model=configs/model/tiny.yaml", "stage.lora.r=4", "train.bf16=false"])
+    assert tiny.model.llm.config["hidden_size"] == 64 and tiny.stage.lora.r == 4 and tiny.train.bf16 is False
+    model, _ = build_model(tiny.model)
+    modes = resolve_plan(model, tiny.stage)
+    if path.stem in EXPECTED_FORMAT:
+        assert checkpoint_format(modes) == EXPECTED_FORMAT[path.stem]
+    trained = apply_plan(model, tiny.stage)
+    assert any(p.requires_grad for p in trained.parameters())
+
+
+def test_overrides_edit_inside_a_model_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_train_config(str(REPO / "configs/train/finetune.yaml"),
+                            ["model=configs/model/tiny.yaml", "model.llm.dtype=bfloat16", "train.max_steps=7"])
+    assert cfg.model.llm.dtype == "bfloat16" and cfg.model.vision["name"] == "clip" and cfg.train.max_steps == 7
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"model": {}, "train": {"output_dir": "x"}, "trian": {}}, r"unknown section 'trian'"),
+    ({"model": {}, "train": {"output_dir": "x", "lr": 1}}, r"train: unknown key 'lr'; valid keys: output_dir"),
+    ({"model": {}, "stage": {"llm": "lora", "lora": {"rank": 4}}, "train": {"output_dir": "x"}},
+     r"stage.lora: unknown key 'rank'"),
+    ({"model": {}, "train": {}}, r"train.output_dir is required"),
+    ({"train": {"output_dir": "x"}}, r"`model` is required"),
+    ({"model": "nowhere.yaml", "train": {"output_dir": "x"}}, r"model file 'nowhere.yaml' not found"),
+])
+def test_bad_train_configs_are_named(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_train_config(cfg)
+
+
+def test_device_and_precision_checks():
+    assert resolve_device(TrainArgs(device="cpu", bf16=True)) == "cpu"  # CPU autocast supports bfloat16
+    with pytest.raises(ConfigError, match="bf16 and fp16 are both on"):
+        resolve_device(TrainArgs(bf16=True, fp16=True))
+    with pytest.raises(ConfigError, match="train.device: 'tpu'"):
+        resolve_device(TrainArgs(device="tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device: cuda, but no CUDA device is visible"):
+            resolve_device(TrainArgs(device="cuda"))
+        with pytest.raises(ConfigError, match="train.fp16: float16 mixed precision needs a CUDA GPU"):
+            resolve_device(TrainArgs(fp16=True))
+
+
+def test_deepspeed_configs_leave_sizes_to_the_trainer():
+    import json
+
+    for path in sorted((REPO / "configs" / "deepspeed").glob("*.json")):
+        ds = json.loads(Path(path).read_text())
+        assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["gradient_accumulation_steps"] == "auto"
+        assert ds["zero_optimization"]["stage"] in (2, 3)
+        if ds["zero_optimization"]["stage"] == 3:
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True

@@ -1,0 +1,48 @@
+"""python tests/train/train_worker.py SPEC_JSON  (or under torchrun): one tiny training run in a fresh process.
+
+SPEC_JSON: {"out": dir, "data": train.json, "stage": {...}, "train": {...}}. Each rank writes `rank{R}.pt` with its
+weights at the start and the end of training and what the Trainer ran with, for tests/train/test_distributed.py.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    import deepspeed.comm.torch as ds_torch
+
+    # DeepSpeed JIT-compiles a shared-memory all-reduce kernel on its first CPU init (~90 s on 2 cores). Only its
+    # inference all-reduce uses that kernel, so these training runs skip the build.
+    ds_torch.build_shm_op = lambda: None
+    from train_helpers import make_cfg
+    from transformers import set_seed
+
+    from medm.models import build_model
+    from medm.train.trainer import run_training
+
+    out = Path(spec["out"])
+    cfg = make_cfg(out, Path(spec["data"]), spec.get("stage"), **spec.get("train", {}))
+    # The starting weights, rebuilt as run_training builds them (ZeRO-3 has partitioned them by on_train_begin).
+    set_seed(cfg.train.seed)
+    start = build_model(cfg.model)[0].state_dict()
+    trainer = run_training(cfg)
+    rank = int(os.environ.get("RANK", "0"))
+    ds = trainer.deepspeed if trainer.is_deepspeed_enabled else None
+    torch.save({
+        "start": start,
+        "end": {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()},
+        "world_size": trainer.args.world_size,
+        "zero_stage": ds.zero_optimization_stage() if ds is not None else None,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        # What this rank's first batch holds (each rank reads its own shard of the data).
+        "first_batch_pixels": next(iter(trainer.get_train_dataloader()))["pixel_values"].cpu(),
+    }, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
