@@ -1,0 +1,162 @@
+"""Batched generation (left padding, KV cache) and token streaming; shared by `medm infer`, eval and the playground."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from medm.data.annotations import Record, resolve_path
+from medm.data.images import load_image
+from medm.data.templates import ChatFormat, expand_media
+from medm.registry import VISION
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings; greedy by default (temperature 0)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_beams: int = 1
+
+    def kwargs(self) -> dict:
+        sample = self.temperature > 0
+        out = {"max_new_tokens": self.max_new_tokens, "do_sample": sample, "num_beams": self.num_beams}
+        if sample:
+            out.update(temperature=self.temperature, top_p=self.top_p)
+        return out
+
+
+class Predictor:
+    """A model, its tokenizer and its preprocessing, ready to answer records.
+
+    Args:
+        template, system_prompt: override the model config's (e.g. to match how a stage was trained).
+        image_dir: base directory of relative image paths in records.
+    """
+
+    def __init__(self, model, tokenizer, *, template: str | None = None, system_prompt: str | None = None,
+                 image_dir: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.format = ChatFormat(tokenizer, template if template is not None else cfg.template,
+                                 system_prompt if system_prompt is not None else cfg.system_prompt)
+        self.sizes = self.format.media_sizes(model.num_image_tokens, model.num_image3d_tokens)
+        self.image_preprocess = VISION.get(cfg.vision["name"]).preprocessor(cfg.vision) if cfg.vision else None
+        self.image_dir = image_dir
+        # Stop at the end of the assistant turn; for some families (Phi-3) that is not the tokenizer's EOS.
+        self.stop_ids = sorted({i for i in (tokenizer.eos_token_id, self.format.end_of_turn_id) if i is not None})
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: str | None = None, device: str | None = None,
+                        **kwargs) -> Predictor:
+        """Open any training checkpoint (`medm.train.checkpoint.load_trained`); `dtype` None keeps the saved one."""
+        from medm.train.checkpoint import load_trained
+
+        model, tokenizer = load_trained(path, dtype=dtype, device=device)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- inputs ---------------------------------------------------------------------------------------------------
+    def images(self, paths_or_images: Iterable[str | Image.Image], blank: bool = False) -> torch.Tensor | None:
+        """(n, C, H, W) through the encoder's preprocessing; `blank` swaps every image for a black one."""
+        items = list(paths_or_images)
+        if not items:
+            return None
+        if self.image_preprocess is None:
+            raise ValueError("this model has no 2D vision encoder, but the input has images")
+        if blank:
+            return torch.stack([self.image_preprocess.blank() for _ in items])
+        pil = [x if isinstance(x, Image.Image) else load_image(resolve_path(x, self.image_dir)) for x in items]
+        return torch.stack([self.image_preprocess(im) for im in pil])
+
+    def encode(self, conversation: Record | list[dict[str, str]]) -> list[int]:
+        """Prompt ids with image placeholders expanded."""
+        ids, _, _ = expand_media(self.format.encode_prompt(conversation), None, self.sizes)
+        return ids
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], pixel_values: torch.Tensor | None,
+                     settings: GenerationSettings, streamer=None) -> list[list[int]]:
+        """Left-pad a batch of prompts and generate; returns the new ids of each prompt."""
+        pad = self.tokenizer.pad_token_id
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        dev = self.device
+        kw = {}
+        if pixel_values is not None:
+            kw["pixel_values"] = pixel_values.to(dev, self.model.dtype)
+        # A generated <image> / <image3d> id would be read as a placeholder without features at the next step.
+        out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
+                                  eos_token_id=self.stop_ids, streamer=streamer, use_cache=True,
+                                  suppress_tokens=sorted(self.sizes) or None, **settings.kwargs(), **kw)
+        return [row[T:].tolist() for row in out.cpu()]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def predict(self, records: Iterable[Record], *, batch_size: int = 8, settings: GenerationSettings | None = None,
+                blank_images: bool = False) -> Iterator[tuple[Record, str]]:
+        """Answer records in batches, yielding `(record, prediction)` in input order as each batch finishes."""
+        settings = settings or GenerationSettings()
+        batch: list[Record] = []
+        for rec in records:
+            batch.append(rec)
+            if len(batch) == batch_size:
+                yield from self._predict_batch(batch, settings, blank_images)
+                batch = []
+        if batch:
+            yield from self._predict_batch(batch, settings, blank_images)
+
+    def _predict_batch(self, batch: list[Record], settings: GenerationSettings, blank: bool):
+        prompts = [self.encode(r) for r in batch]
+        pix = [self.images(r.image, blank) for r in batch]
+        pix = [p for p in pix if p is not None]
+        pixel_values = torch.cat(pix) if pix else None
+        for rec, new in zip(batch, self.generate_ids(prompts, pixel_values, settings)):
+            yield rec, self.decode(new)
+
+    def stream(self, messages: list[dict[str, str]], images: list[str | Image.Image] | None = None,
+               settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield the answer's text as it grows, token by token (for the playground).
+
+        messages: chat turns `{"role": "user" | "assistant" | "system", "content"}`, `<image>` placeholders in user
+        turns, one per image in `images`.
+        """
+        settings = settings or GenerationSettings()
+        prompt = self.encode(messages)
+        pixel_values = self.images(images or [])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate_ids([prompt], pixel_values, settings, streamer)
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+        worker.join()
+        if errors:
+            raise errors[0]
