@@ -57,8 +57,10 @@ CONNECTOR = Registry("connector")
 LLM = Registry("LLM family")
 TEMPLATE = Registry("chat template")
 BUILDER = Registry("data builder")
+TASK = Registry("eval task")
 
-REGISTRIES = {"vision": VISION, "connector": CONNECTOR, "llm": LLM, "template": TEMPLATE, "builder": BUILDER}
+REGISTRIES = {"vision": VISION, "connector": CONNECTOR, "llm": LLM, "template": TEMPLATE, "builder": BUILDER,
+              "task": TASK}
 
 
 def _load_components() -> None:
@@ -66,6 +68,7 @@ def _load_components() -> None:
     # them on first lookup, so `medm.registry` itself stays import-cheap.
     import medm.data.builders  # noqa: F401
     import medm.data.templates  # noqa: F401
+    import medm.eval.tasks  # noqa: F401
     import medm.models.connectors  # noqa: F401
     import medm.models.llm  # noqa: F401
     import medm.models.vision  # noqa: F401

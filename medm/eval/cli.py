@@ -1,0 +1,44 @@
+"""`medm eval`: score a `medm infer` predictions file with a task; write metrics.json and report.md, print the table.
+
+    medm eval --task vqa-rad --pred runs/eval/preds.jsonl --out runs/eval
+    medm eval --task vqa-rad --pred preds.jsonl --blank preds_blank.jsonl --protocol llava-med --out runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from medm.eval.report import evaluate, render_markdown, write_report
+
+    try:
+        result = evaluate(args.task, args.pred, protocol=args.protocol, blank=args.blank, image_dir=args.image_dir)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else os.path.dirname(os.path.abspath(args.pred))
+    paths = write_report(result, out)
+    print(render_markdown(result))
+    print(f"wrote {paths['metrics']} and {paths['report']}")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="score a predictions file: metrics.json, report.md",
+        description="Score the JSONL file `medm infer` wrote with an evaluation task (medm list shows them: vqa, "
+                    "vqa-rad, slake, pathvqa, report, grounding), overall and per answer type, question type and "
+                    "organ where the data has them.")
+    p.add_argument("--task", required=True, help="evaluation task: vqa, vqa-rad, slake, pathvqa, report, grounding")
+    p.add_argument("--pred", required=True, help="predictions JSONL written by medm infer")
+    p.add_argument("--protocol", default=None, help="scoring protocol; VQA tasks: strict (default) or llava-med "
+                                                    "(LLaVA-Med's substring scorer, to compare with papers)")
+    p.add_argument("--out", default=None, help="directory for metrics.json and report.md (default: --pred's)")
+    p.add_argument("--blank", default=None, help="predictions for the same questions with blank images (medm infer "
+                                                 "--blank-images): adds accuracy with and without the image")
+    p.add_argument("--image-dir", default=None, help="directory relative image paths start from (grounding reads "
+                                                     "image sizes from the images)")
+    p.set_defaults(func=_cmd_eval)

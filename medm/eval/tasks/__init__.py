@@ -1,0 +1,13 @@
+"""Evaluation tasks, one benchmark or kind of task per file, registered by name in `medm.registry.TASK`
+(`medm eval --task NAME`, `medm list`).
+
+- `vqa`: closed / open VQA on any predictions file with answers; `vqa-rad`, `slake`, `pathvqa`: the same scoring,
+  plus a reader of each benchmark's published file (`medm infer --layout NAME`) and its own breakdowns and notes.
+- `report`: report generation (ROUGE, BLEU). `grounding`: box answers (IoU, Acc@0.5). `spine`: the lumbar spine
+  MRI tasks of `medm data build spine`.
+"""
+
+from medm.eval.tasks import grounding, pathvqa, report, slake, spine, vqa, vqa_rad  # noqa: F401  (registers them)
+from medm.eval.tasks._base import Breakdown, Column, Task, TaskError
+
+__all__ = ["Breakdown", "Column", "Task", "TaskError"]

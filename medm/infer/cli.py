@@ -1,0 +1,83 @@
+"""`medm infer`: answer every question of a data file with a trained model, one JSON line per question.
+
+    medm infer --model runs/finetune --data data/vqa_rad/test.json --image-dir data/vqa_rad/images --out preds.jsonl
+    medm infer --model runs/finetune --layout vqa-rad --data vqa_rad/split/testset.json --image-dir vqa_rad/images \
+        --out preds_blank.jsonl --blank-images
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from medm.infer.generate import GenerationSettings
+
+
+def _records(args: argparse.Namespace):
+    if args.layout == "records":
+        from medm.data.annotations import load_records
+
+        return load_records(args.data)
+    from medm.registry import TASK
+
+    readers = [n for n in TASK.names() if TASK.get(n).source_layout is not None]
+    if args.layout not in readers:
+        raise ValueError(f"unknown --layout {args.layout!r}; known: records, {', '.join(readers)}")
+    return TASK.build(args.layout).load_source(args.data)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from medm.infer.predictions import run_inference
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, num_beams=args.num_beams)
+    try:
+        records = _records(args)
+        if args.limit is not None:
+            records = records[:args.limit]
+        result = run_inference(args.model, records, args.out, data=args.data, image_dir=args.image_dir,
+                               batch_size=args.batch_size, settings=settings, resume=args.resume,
+                               overwrite=args.overwrite, blank_images=args.blank_images, device=args.device,
+                               dtype=args.dtype, template=args.template, system_prompt=args.system_prompt,
+                               progress=not args.no_progress)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    kept = f" ({result.skipped} kept from the earlier run)" if result.skipped else ""
+    print(f"wrote {result.written} prediction(s) to {result.out}; it holds {result.total}{kept}")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "infer", help="answer a data file's questions with a model: one JSON line per question",
+        description="Batched generation (left padding, KV cache), greedy unless --temperature > 0. Each line of "
+                    "--out holds id, question, prediction, answer (when the record has one) and the record's other "
+                    "fields; lines are written as each batch finishes, and --resume finishes a killed run.")
+    p.add_argument("--model", required=True, help="checkpoint directory (a training run's output_dir, a "
+                                                  "checkpoint-N, or an exported model)")
+    p.add_argument("--data", required=True, help="questions: medm / LLaVA / ShareGPT records (JSON or JSONL), or a "
+                                                 "benchmark's published file with --layout")
+    p.add_argument("--out", required=True, help="predictions JSONL file to write")
+    p.add_argument("--layout", default="records", help="how --data is laid out: records (default), or a task name "
+                                                       "with a published layout: vqa-rad, slake, pathvqa")
+    p.add_argument("--image-dir", default=None, help="directory relative image paths start from")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: no beam search)")
+    p.add_argument("--resume", action="store_true", help="keep the lines --out already holds and answer only the "
+                                                         "missing ids (a half-written last line is redone)")
+    p.add_argument("--overwrite", action="store_true", help="start --out afresh if it exists")
+    p.add_argument("--blank-images", action="store_true", help="replace every image by a blank one (image-reliance "
+                                                               "check: compare with medm eval --blank)")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:1, cpu")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16, float32; default: the checkpoint's")
+    p.add_argument("--template", default=None, help="registered chat template; default: the model's")
+    p.add_argument("--system-prompt", default=None, help="system prompt; default: the model's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_infer)
