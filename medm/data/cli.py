@@ -46,17 +46,18 @@ class ValidationReport:
 def check_files(record: Record, image_dir: str | None = None, decode: bool = True) -> list[RecordError]:
     """Missing or undecodable media of one record (every file is checked; nothing stops at the first)."""
     from medm.data.images import verify_image
+    from medm.data.volumes import verify_volume
 
     errors = []
     for key, paths in (("image", record.image), ("image3d", record.image3d)):
         for p in paths:
             full = resolve_path(p, image_dir)
-            if not os.path.isfile(full):
+            # A volume may be a DICOM series folder.
+            if not (os.path.isfile(full) or key == "image3d" and os.path.isdir(full)):
                 errors.append(RecordError(record.id, "missing_file", f"{key} file {full!r} does not exist"))
-            elif decode and key == "image":
-                # Volumes are only checked for existence until medm.data.volumes can decode them.
+            elif decode:
                 try:
-                    verify_image(full)
+                    (verify_image if key == "image" else verify_volume)(full)
                 except (ValueError, OSError) as e:
                     errors.append(RecordError(record.id, "corrupt_image", str(e)))
     return errors

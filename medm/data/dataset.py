@@ -163,15 +163,19 @@ def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
     """The dataset for a model: its template, system prompt, image token counts and encoder preprocessing.
 
     `data_args.template` / `data_args.system_prompt` override the model's `config.template` / `system_prompt`.
+    A model that renders records with its own processor (the qwen-vl kind, medm.qwenvl) builds its own dataset.
     """
     from medm.registry import VISION
 
+    if hasattr(model, "build_dataset"):
+        return model.build_dataset(data_args, tokenizer)
     if not data_args.path:
         raise ValueError("data.path: give the annotation file(s) to train or evaluate on")
     cfg = model.config
     image_preprocess = VISION.get(cfg.vision["name"]).preprocessor(cfg.vision) if cfg.vision else None
-    # 3D hook: medm.data.volumes will provide the volume preprocessing of `cfg.vision3d` here.
-    volume_preprocess = None
+    # 3D hook: the 3D encoder's volume preprocessing (medm.data.volumes), with its training augmentation on.
+    volume_preprocess = (VISION.get(cfg.vision3d["name"]).preprocessor(cfg.vision3d).for_training()
+                         if cfg.vision3d else None)
     return ConversationDataset(
         load_records(data_args.path, for_training=True), tokenizer,
         num_image_tokens=model.num_image_tokens, num_image3d_tokens=model.num_image3d_tokens,

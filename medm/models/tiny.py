@@ -6,6 +6,7 @@ Everything here builds without a download; tests and the demo use it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,6 +58,12 @@ TINY_VISION: dict[str, dict[str, Any]] = {
         "image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0}}},
     "timm": {"model_name": "vit_base_patch16_224", "image_size": 32, "model_args": {
         "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}},
+    # 3D: a 16x32x32 volume in 4x8x8 patches (grid 4x4x4 = 64); the tiny clip over 4 slices of 32x32 (grid 4x4x4).
+    "vit3d": {"image_size": [16, 32, 32], "patch_size": [4, 8, 8], "hidden_size": 32, "num_layers": 2,
+              "num_heads": 2, "mlp_dim": 64},
+    "slices": {"encoder": {"name": "clip", "config": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": 32, "patch_size": 8, "num_channels": 3}}, "num_slices": 4},
 }
 
 TINY_LLM: dict[str, dict[str, Any]] = {
@@ -85,19 +92,23 @@ TINY_CONNECTOR: dict[str, dict[str, Any]] = {
 TINY_TEMPLATE_FOR_FAMILY = {"qwen2": "chatml", "llama": "llama3", "phi3": "phi3", "phi": "none", "auto": "chatml"}
 
 
-def tiny_tokenizer(chat_template: str = "chatml", vocab_size: int = 1024, extra_text: str = "") -> PreTrainedTokenizerFast:
+def tiny_tokenizer(chat_template: str = "chatml", vocab_size: int = 1024, extra_text: str = "",
+                   extra_special_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained now on `MEDICAL_TEXT` (+ `extra_text`).
 
     Args:
         chat_template: `chatml` (Qwen2.5), `llama3`, `phi3`, or `none` (no template: a registered medm
             template must render prompts).
+        extra_special_tokens: more special tokens, each one id, after the chat formats' own (e.g. Qwen-VL's
+            `<|image_pad|>`, `<|box_start|>`; see `medm.qwenvl.tiny`).
     """
     if chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown tiny chat template {chat_template!r}; known: {', '.join(CHAT_TEMPLATES)}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_ALL_SPECIALS, show_progress=False,
+    specials = _ALL_SPECIALS + [t for t in extra_special_tokens if t not in _ALL_SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = MEDICAL_TEXT + extra_text
     tok.train_from_iterator([line for line in text.splitlines() if line.strip()], trainer)
