@@ -39,7 +39,16 @@ class Predictor:
     Args:
         template, system_prompt: override the model config's (e.g. to match how a stage was trained).
         image_dir: base directory of relative image paths in records.
+
+    A model that renders records with its own processor (the qwen-vl kind) names its Predictor subclass through
+    `predictor_class()`; `Predictor(model, processor)` and `Predictor.from_pretrained` then build that one.
     """
+
+    def __new__(cls, model, *args, **kwargs):
+        own = getattr(model, "predictor_class", None)
+        if cls is Predictor and own is not None:
+            cls = own()
+        return super().__new__(cls)
 
     def __init__(self, model, tokenizer, *, template: str | None = None, system_prompt: str | None = None,
                  image_dir: str | None = None):
@@ -50,6 +59,8 @@ class Predictor:
                                  system_prompt if system_prompt is not None else cfg.system_prompt)
         self.sizes = self.format.media_sizes(model.num_image_tokens, model.num_image3d_tokens)
         self.image_preprocess = VISION.get(cfg.vision["name"]).preprocessor(cfg.vision) if cfg.vision else None
+        vision3d = getattr(cfg, "vision3d", None)
+        self.volume_preprocess = VISION.get(vision3d["name"]).preprocessor(vision3d) if vision3d else None
         self.image_dir = image_dir
         # Stop at the end of the assistant turn; for some families (Phi-3) that is not the tokenizer's EOS.
         self.stop_ids = sorted({i for i in (tokenizer.eos_token_id, self.format.end_of_turn_id) if i is not None})
@@ -80,6 +91,17 @@ class Predictor:
         pil = [x if isinstance(x, Image.Image) else load_image(resolve_path(x, self.image_dir)) for x in items]
         return torch.stack([self.image_preprocess(im) for im in pil])
 
+    def volumes(self, paths: Iterable[str], blank: bool = False) -> torch.Tensor | None:
+        """(n, C, D, H, W) through the 3D encoder's preprocessing; `blank` swaps every volume for a black one."""
+        items = list(paths)
+        if not items:
+            return None
+        if self.volume_preprocess is None:
+            raise ValueError("this model has no 3D vision encoder, but the input has volumes (`image3d`)")
+        if blank:
+            return torch.stack([self.volume_preprocess.blank() for _ in items])
+        return torch.stack([self.volume_preprocess(resolve_path(p, self.image_dir)) for p in items])
+
     def encode(self, conversation: Record | list[dict[str, str]]) -> list[int]:
         """Prompt ids with image placeholders expanded."""
         ids, _, _ = expand_media(self.format.encode_prompt(conversation), None, self.sizes)
@@ -88,8 +110,12 @@ class Predictor:
     # ---- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], pixel_values: torch.Tensor | None,
-                     settings: GenerationSettings, streamer=None) -> list[list[int]]:
-        """Left-pad a batch of prompts and generate; returns the new ids of each prompt."""
+                     settings: GenerationSettings, streamer=None,
+                     pixel_values_3d: torch.Tensor | None = None) -> list[list[int]]:
+        """Left-pad a batch of prompts and generate; returns the new ids of each prompt.
+
+        pixel_values: (n_images, C, H, W) and pixel_values_3d: (n_volumes, C, D, H, W), in the prompts' order.
+        """
         pad = self.tokenizer.pad_token_id
         T = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), T), pad, dtype=torch.long)
@@ -101,6 +127,8 @@ class Predictor:
         kw = {}
         if pixel_values is not None:
             kw["pixel_values"] = pixel_values.to(dev, self.model.dtype)
+        if pixel_values_3d is not None:
+            kw["pixel_values_3d"] = pixel_values_3d.to(dev, self.model.dtype)
         # A generated <image> / <image3d> id would be read as a placeholder without features at the next step.
         out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), pad_token_id=pad,
                                   eos_token_id=self.stop_ids, streamer=streamer, use_cache=True,
@@ -112,7 +140,10 @@ class Predictor:
 
     def predict(self, records: Iterable[Record], *, batch_size: int = 8, settings: GenerationSettings | None = None,
                 blank_images: bool = False) -> Iterator[tuple[Record, str]]:
-        """Answer records in batches, yielding `(record, prediction)` in input order as each batch finishes."""
+        """Answer records in batches, yielding `(record, prediction)` in input order as each batch finishes.
+
+        `blank_images` swaps every image and volume for a black one (how much do answers depend on them?).
+        """
         settings = settings or GenerationSettings()
         batch: list[Record] = []
         for rec in records:
@@ -128,7 +159,9 @@ class Predictor:
         pix = [self.images(r.image, blank) for r in batch]
         pix = [p for p in pix if p is not None]
         pixel_values = torch.cat(pix) if pix else None
-        for rec, new in zip(batch, self.generate_ids(prompts, pixel_values, settings)):
+        vols = [v for v in (self.volumes(r.image3d, blank) for r in batch) if v is not None]
+        pixel_values_3d = torch.cat(vols) if vols else None
+        for rec, new in zip(batch, self.generate_ids(prompts, pixel_values, settings, pixel_values_3d=pixel_values_3d)):
             yield rec, self.decode(new)
 
     def stream(self, messages: list[dict[str, str]], images: list[str | Image.Image] | None = None,

@@ -15,12 +15,16 @@ from medm.config import ConfigError, arg, from_dict, to_dict
 from medm.models.configuration_medm import MedMConfig
 from medm.models.llm import load_llm, resolve_dtype, resolve_text_config
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
+from medm.qwenvl.args import QwenVLArgs
 from medm.registry import CONNECTOR, LLM, TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 IMAGE3D_TOKEN = "<image3d>"
+# `medm`: vision encoder -> connector -> any causal LM (this module); `qwen-vl`: a Qwen-VL model and its processor
+# (medm.qwenvl), configured in the `qwenvl` section.
+KINDS = ("medm", "qwen-vl")
 # Constructor arguments a connector gets from the model, not from its config section.
 _CONNECTOR_GEOMETRY = {"self", "in_dim", "out_dim", "grid", "num_prefix_tokens"}
 
@@ -41,6 +45,9 @@ class LLMArgs:
 
 @dataclass
 class ModelArgs:
+    kind: str = arg("medm", "model kind: medm (vision encoder + connector + causal LM, the sections below) or qwen-vl "
+                            "(a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model with its own processor: the `qwenvl` section)")
+    qwenvl: QwenVLArgs | None = arg(None, "Qwen-VL settings (kind: qwen-vl): path or config, box_format, pixels")
     llm: LLMArgs = arg(None, "the language model")
     vision: dict | None = arg(None, "2D vision encoder: `name` (registry) plus that encoder's keys")
     connector: dict | None = arg(None, "2D connector: `name` (registry) plus that connector's keys")
@@ -56,6 +63,19 @@ class ModelArgs:
 
 def parse_model_args(cfg: dict[str, Any], where: str = "model") -> ModelArgs:
     args = from_dict(ModelArgs, cfg, where)
+    if args.kind not in KINDS:
+        raise ConfigError(f"{where}.kind: {args.kind!r}; valid: {', '.join(KINDS)}")
+    if args.kind == "qwen-vl":
+        # The Qwen-VL model brings its own tower, merger, LLM and chat template.
+        other = [k for k in ("llm", "vision", "connector", "vision3d", "connector3d", "template")
+                 if cfg.get(k) is not None]
+        if other or args.qwenvl is None:
+            raise ConfigError(f"{where}: kind qwen-vl is configured in the `qwenvl` section only" +
+                              (f"; remove `{other[0]}`" if other else "; add it"))
+        args.qwenvl.check(f"{where}.qwenvl")
+        return args
+    if args.qwenvl is not None:
+        raise ConfigError(f"{where}.qwenvl: only for kind qwen-vl (kind is {args.kind!r})")
     LLM.get(args.llm.family)
     if args.template is not None:
         TEMPLATE.get(args.template)
@@ -111,9 +131,17 @@ def _resolve_component(section: dict | None, reg) -> dict | None:
 
 
 def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
-    """A model and tokenizer from a model config; pretrained parts load from their `path`s."""
+    """A model and tokenizer from a model config; pretrained parts load from their `path`s.
+
+    For kind `qwen-vl` the pair is a Qwen-VL model (medm.qwenvl.model) and its processor, which stands where the
+    tokenizer does (it saves with the checkpoint and holds the tokenizer as `.tokenizer`).
+    """
     if isinstance(args, dict):
         args = parse_model_args(args)
+    if args.kind == "qwen-vl":
+        from medm.qwenvl.model import build_qwenvl
+
+        return build_qwenvl(args.qwenvl, args.system_prompt)
     register_auto_classes()
     llm = args.llm
     tokenizer = load_tokenizer(llm)
@@ -156,7 +184,11 @@ def save_model(model: MedMForConditionalGeneration, tokenizer: PreTrainedTokeniz
 
 def load_model(path: str, dtype: str | None = None,
                device: str | torch.device | None = None) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Reopen a checkpoint written by `save_model` (no hub access; safetensors only)."""
+    """Reopen a checkpoint written by `save_model` (no hub access; safetensors only); either kind."""
+    if checkpoint_kind(path) == "qwen-vl":
+        from medm.qwenvl.model import load_qwenvl
+
+        return load_qwenvl(path, dtype=dtype, device=device)
     register_auto_classes()
     model = MedMForConditionalGeneration.from_pretrained(path, use_safetensors=True,
                                                          dtype=resolve_dtype(dtype) if dtype else None)
@@ -164,3 +196,19 @@ def load_model(path: str, dtype: str | None = None,
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def checkpoint_kind(path: str) -> str:
+    """The model kind a checkpoint directory holds: `qwen-vl` when its config.json carries medm's Qwen-VL settings."""
+    from medm.qwenvl.model import is_qwenvl_checkpoint
+
+    return "qwen-vl" if is_qwenvl_checkpoint(path) else "medm"
+
+
+def load_processing(path: str):
+    """The tokenizer (medm kind) or processor (qwen-vl kind) saved in a checkpoint directory."""
+    if checkpoint_kind(path) == "qwen-vl":
+        from medm.qwenvl.model import load_qwenvl_processor
+
+        return load_qwenvl_processor(path)
+    return AutoTokenizer.from_pretrained(path)

@@ -137,6 +137,10 @@ def tiny_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
     Paths are dropped, each component gets its tiny architecture, and the tokenizer is trained in-process
     with the chat format of the LLM family. Component names, connector types and selections are kept.
     """
+    if model_cfg.get("kind") == "qwen-vl":
+        from medm.qwenvl.tiny import tiny_qwenvl_overrides
+
+        return tiny_qwenvl_overrides(model_cfg)
     cfg = copy.deepcopy(model_cfg)
     llm = cfg.setdefault("llm", {})
     family = llm.get("family", "auto")

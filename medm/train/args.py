@@ -22,7 +22,8 @@ class LoraArgs:
     dropout: float = arg(0.05, "dropout on the LoRA input")
     target_modules: list | None = arg(None, "LLM linear layers to adapt, as name suffixes (e.g. [q_proj, v_proj]) "
                                             "or [all-linear]; null: the LLM family's default "
-                                            "(model.llm.lora_target_modules; Phi-3 uses its fused qkv_proj)")
+                                            "(model.llm.lora_target_modules; Phi-3 uses its fused qkv_proj; "
+                                            "model.qwenvl.lora_target_modules for the qwen-vl kind)")
     encoder_target_modules: list | None = arg(None, "encoder linear layers to adapt when an encoder is `lora`; "
                                                     "null: every linear layer of that encoder")
 
@@ -33,10 +34,10 @@ class StagePlan:
     `partial:N` (encoders only: the last N blocks). A component the model lacks must stay unset."""
 
     vision: str | None = arg(None, "2D encoder: frozen | full | lora | partial:N; null: frozen")
-    connector: str | None = arg(None, "2D connector: frozen | full; null: full")
+    connector: str | None = arg(None, "2D connector: frozen | full | lora (every linear layer); null: full")
     llm: str | None = arg(None, "language model: frozen | full | lora | qlora; null: full")
     vision3d: str | None = arg(None, "3D encoder: frozen | full | lora | partial:N; null: frozen")
-    connector3d: str | None = arg(None, "3D connector: frozen | full; null: full")
+    connector3d: str | None = arg(None, "3D connector: frozen | full | lora (every linear layer); null: full")
     lora: LoraArgs = arg(None, "LoRA settings for the components set to lora / qlora")
     init_from: str | None = arg(None, "checkpoint directory of an earlier stage whose weights start this one "
                                       "(full, connector-only or LoRA); a new run, not a resume")

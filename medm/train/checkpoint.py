@@ -2,7 +2,8 @@
 
 - `full`: `medm.models.save_model` output (config.json, model.safetensors, tokenizer). `load_model` opens it.
 - `components`: a stage whose LLM is frozen (e.g. pretrain: connector only) saves just the trained components in
-  `components.safetensors` (model-level names such as `connector.mlp.0.weight`), plus config and tokenizer.
+  `components.safetensors` (model-level names such as `connector.mlp.0.weight`; `model.visual.merger...` for a
+  Qwen-VL model), plus config and tokenizer (a processor for the qwen-vl kind).
 - `lora`: a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`; fully trained components ride
   along as `modules_to_save`), plus config and tokenizer.
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medm.models import load_model, save_model
+from medm.models.builder import checkpoint_kind, load_processing
 from medm.train.stages import COMPONENTS_ONLY, FULL, LORA
 
 META_FILE = "medm_checkpoint.json"
@@ -62,10 +64,15 @@ def base_dir(ckpt_dir: str, meta: dict | None = None) -> str:
 
 def save_components(model: nn.Module, tokenizer, out_dir: str, components: list[str], base: str,
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the trained components' weights, config, tokenizer and meta (a `components` checkpoint)."""
+    """Write the trained components' weights, config, tokenizer and meta (a `components` checkpoint).
+
+    Args:
+        components: module paths whose weights are saved (`connector`; `model.visual.merger` for Qwen-VL).
+    """
     os.makedirs(out_dir, exist_ok=True)
     state = state_dict if state_dict is not None else model.state_dict()
-    keep = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".", 1)[0] in components}
+    keep = {k: v.detach().cpu().contiguous() for k, v in state.items()
+            if any(k.startswith(c + ".") for c in components)}
     save_file(keep, os.path.join(out_dir, COMPONENTS_FILE), metadata={"format": "pt"})
     model.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -116,10 +123,8 @@ def load_trained(ckpt_dir: str, dtype: str | None = None, device: str | torch.de
     meta = read_meta(ckpt_dir)
     if meta["format"] == FULL:
         return load_model(ckpt_dir, dtype=dtype, device=device)
-    from transformers import AutoTokenizer
-
     model, _ = load_model(base or base_dir(ckpt_dir, meta), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    tokenizer = load_processing(ckpt_dir)
     if meta["format"] == COMPONENTS_ONLY:
         load_components(model, ckpt_dir)
     else:
@@ -138,8 +143,11 @@ def load_init_weights(model: nn.Module, ckpt_dir: str) -> dict:
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"stage.init_from: {ckpt_dir!r} does not exist")
     meta = read_meta(ckpt_dir)
-    if meta["format"] == FULL:
+    if meta["format"] == FULL and checkpoint_kind(ckpt_dir) == "medm":
         state = _load_full_state(ckpt_dir)
+    elif meta["format"] == FULL:
+        # transformers saves Qwen-VL weights under their original (pre-v5) names; its loader maps them back.
+        state = load_model(ckpt_dir)[0].state_dict()
     elif meta["format"] == COMPONENTS_ONLY:
         state = load_file(os.path.join(ckpt_dir, COMPONENTS_FILE))
     else:
@@ -150,6 +158,9 @@ def load_init_weights(model: nn.Module, ckpt_dir: str) -> dict:
 
 def export_merged(src: str, out: str, base: str | None = None) -> str:
     """`medm export --merge SRC OUT`: a standalone full checkpoint that `load_model` opens."""
+    from medm.interop.model_card import write_model_card
+
     model, tokenizer = load_trained(src, base=base, merge=True)
     save_model(model, tokenizer, out)
+    write_model_card(out, config=model.config, fmt=FULL, source=src)
     return out

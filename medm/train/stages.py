@@ -4,6 +4,10 @@
 `PeftModel` when a component is `lora` / `qlora`. Under LoRA, components that train fully (e.g. the connector)
 and partially trained encoder blocks become PEFT `modules_to_save`, so the adapter checkpoint holds them too
 and `merge_and_unload` gives back a plain medm model.
+
+A component is one or more modules of the model (`component_paths`): the medm model's attributes of the same
+name, or what a model of another kind reports through `stage_components()` (Qwen-VL: `vision` is the vision
+blocks, `connector` the merger, `llm` the language model and its head).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ CONNECTORS = ("connector", "connector3d")
 COMPONENTS = ("vision", "connector", "llm", "vision3d", "connector3d")
 DEFAULT_MODES = {"vision": "frozen", "connector": "full", "llm": "full", "vision3d": "frozen", "connector3d": "full"}
 ALLOWED = {"vision": ("frozen", "full", "lora", "partial"), "vision3d": ("frozen", "full", "lora", "partial"),
-           "connector": ("frozen", "full"), "connector3d": ("frozen", "full"),
+           "connector": ("frozen", "full", "lora"), "connector3d": ("frozen", "full", "lora"),
            "llm": ("frozen", "full", "lora", "qlora")}
 
 # Checkpoint formats a plan saves as (see medm.train.checkpoint).
@@ -63,12 +67,31 @@ def parse_mode(component: str, value: str) -> Mode:
     return Mode(kind)
 
 
+def component_paths(model: nn.Module) -> dict[str, list[str]]:
+    """Component name -> the paths of its modules in `model`, for the components the model has.
+
+    A model that defines `stage_components()` (medm.qwenvl) says it; otherwise the components are the model's
+    attributes `vision`, `connector`, `llm`, ... (the medm model), each one module.
+    """
+    own = getattr(model, "stage_components", None)
+    if own is not None:
+        return own()
+    return {name: [name] for name in COMPONENTS if getattr(model, name, None) is not None}
+
+
+def llm_lora_targets(model: nn.Module) -> list[str] | None:
+    """The LLM's default LoRA targets: the model's own `llm_lora_targets()` (medm.qwenvl), else its medm config's."""
+    own = getattr(model, "llm_lora_targets", None)
+    return own() if own is not None else model.config.llm.get("lora_target_modules")
+
+
 def resolve_plan(model: nn.Module, plan: StagePlan) -> dict[str, Mode]:
     """Each component the model has -> its Mode (defaults filled); setting a component it lacks is an error."""
     modes = {}
+    paths = component_paths(model)
     for name in COMPONENTS:
         value = getattr(plan, name)
-        present = getattr(model, name) is not None
+        present = name in paths
         if not present:
             if value is not None:
                 raise ConfigError(f"stage.{name}: set to {value!r} but the model has no {name}")
@@ -105,29 +128,34 @@ def encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
     return candidates[0]
 
 
-def _linear_names(module: nn.Module, prefix: str, targets: list[str] | None, exclude: set[int],
+def _linear_names(modules: list[tuple[str, nn.Module]], targets: list[str] | None, exclude: set[int],
                   where: str) -> list[str]:
-    """Full names of the nn.Linear layers under `module` matching `targets` (suffixes; None or all-linear: all)."""
+    """Full names of the nn.Linear layers under the `(path, module)` pairs matching `targets` (name suffixes; None or
+    all-linear: all)."""
     every = targets is None or list(targets) == ["all-linear"]
     names, hit = [], set()
-    for name, sub in module.named_modules():
-        if not isinstance(sub, nn.Linear) or id(sub) in exclude:
-            continue
-        if every:
-            names.append(f"{prefix}.{name}")
-            continue
-        for t in targets:
-            if name == t or name.endswith("." + t):
-                names.append(f"{prefix}.{name}")
-                hit.add(t)
+    for prefix, module in modules:
+        for name, sub in module.named_modules():
+            if not isinstance(sub, nn.Linear) or id(sub) in exclude:
+                continue
+            full = f"{prefix}.{name}" if name else prefix
+            if every:
+                names.append(full)
+                continue
+            for t in targets:
+                if name == t or name.endswith("." + t):
+                    names.append(full)
+                    hit.add(t)
     missing = [] if every else [t for t in targets if t not in hit]
     if missing or not names:
-        raise ConfigError(f"{where}: no linear layer of the {prefix} matches {missing or targets}")
+        what = " + ".join(p for p, _ in modules)
+        raise ConfigError(f"{where}: no linear layer of the {what} matches {missing or targets}")
     return names
 
 
-def quantize_4bit(llm: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Replace the LLM's linear layers (not the output head) by bitsandbytes NF4 layers on the GPU (QLoRA)."""
+def quantize_4bit(llm: nn.Module, compute_dtype: torch.dtype, head: nn.Module | None = None) -> None:
+    """Replace the LLM's linear layers (not the output head: `head`, default the LLM's own) by bitsandbytes NF4
+    layers on the GPU (QLoRA)."""
     if not torch.cuda.is_available():
         raise RuntimeError("stage.llm: qlora quantizes the LLM to 4 bits with bitsandbytes, which needs a CUDA GPU; "
                            "use lora on the CPU")
@@ -135,9 +163,9 @@ def quantize_4bit(llm: nn.Module, compute_dtype: torch.dtype) -> None:
         import bitsandbytes as bnb
     except ImportError:
         raise ImportError("stage.llm: qlora needs the bitsandbytes package (pip install -e '.[gpu]')") from None
-    head = llm.get_output_embeddings()
+    head = head if head is not None else llm.get_output_embeddings()
     for name, sub in list(llm.named_modules()):
-        if not isinstance(sub, nn.Linear) or sub is head:
+        if not isinstance(sub, nn.Linear) or sub is head or not name:
             continue
         q = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
                               compute_dtype=compute_dtype, quant_type="nf4")
@@ -151,18 +179,24 @@ def quantize_4bit(llm: nn.Module, compute_dtype: torch.dtype) -> None:
 def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Set `requires_grad` as the plan says; returns the model to train (a PeftModel when LoRA is used)."""
     modes = resolve_plan(model, plan)
+    paths = component_paths(model)
+    head = model.get_output_embeddings()
     if modes["llm"].kind == "qlora":
-        quantize_4bit(model.llm, compute_dtype)
+        for path in paths["llm"]:
+            quantize_4bit(model.get_submodule(path), compute_dtype, head)
     model.requires_grad_(False)
     lora_targets: list[str] = []
     to_save: list[str] = []
     for name, mode in modes.items():
-        comp = getattr(model, name)
+        modules = [(path, model.get_submodule(path)) for path in paths[name]]
         if mode.kind == "full":
-            comp.requires_grad_(True)
-            to_save.append(name)
+            for path, module in modules:
+                module.requires_grad_(True)
+                # PEFT wraps each saved module; a ModuleList is iterated, not called, so its items are saved.
+                to_save += ([f"{path}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList)
+                            else [path])
         elif mode.kind == "partial":
-            blocks = encoder_blocks(comp)
+            blocks = encoder_blocks(modules[0][1])
             if mode.blocks > len(blocks):
                 raise ConfigError(f"stage.{name}: partial:{mode.blocks} but the encoder has {len(blocks)} blocks")
             prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -170,11 +204,13 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
                 blocks[i].requires_grad_(True)
                 to_save.append(f"{prefix}.{i}")
         elif mode.adapter:
-            head = {id(model.llm.get_output_embeddings())} if name == "llm" else set()
-            targets = plan.lora.target_modules if name == "llm" else plan.lora.encoder_target_modules
+            exclude = {id(head)} if name == "llm" else set()
+            # Connectors adapt every linear layer; encoders take encoder_target_modules; the LLM target_modules.
+            targets = (plan.lora.target_modules if name == "llm" else None if name in CONNECTORS
+                       else plan.lora.encoder_target_modules)
             if name == "llm" and targets is None:
-                targets = model.config.llm.get("lora_target_modules")
-            lora_targets += _linear_names(comp, name, targets, head, f"stage.lora ({name})")
+                targets = llm_lora_targets(model)
+            lora_targets += _linear_names(modules, targets, exclude, f"stage.lora ({name})")
     if not lora_targets:
         return model
     from peft import LoraConfig, get_peft_model

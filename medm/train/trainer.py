@@ -16,6 +16,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from medm.config import ConfigError, from_dict
+from medm.interop.model_card import ModelCardCallback
 from medm.models import build_model, save_model
 from medm.train.args import TrainArgs, TrainConfig
 from medm.train.checkpoint import BASE_DIR, load_components, load_init_weights, read_meta, save_components, write_meta
@@ -28,6 +29,7 @@ from medm.train.stages import (
     LORA,
     apply_plan,
     checkpoint_format,
+    component_paths,
     describe,
     resolve_plan,
 )
@@ -45,7 +47,7 @@ class MedMTrainer(Trainer):
     Args:
         connector_lr: peak learning rate of the connector parameters (None: `args.learning_rate`).
         checkpoint_format: `full`, `components` or `lora` (see medm.train.checkpoint).
-        components: the components a `components` checkpoint saves.
+        components: the module paths a `components` checkpoint saves (medm.train.stages.component_paths).
         base_dir: full checkpoint with the frozen weights of a `components` / `lora` run.
     """
 
@@ -63,8 +65,9 @@ class MedMTrainer(Trainer):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         base = _unwrap_peft(opt_model)
-        conn = {id(p) for name in CONNECTORS if getattr(base, name, None) is not None
-                for p in getattr(base, name).parameters()}
+        paths = component_paths(base)
+        conn = {id(p) for name in CONNECTORS for path in paths.get(name, [])
+                for p in base.get_submodule(path).parameters()}
         decay = set(self.get_decay_parameter_names(opt_model))
         groups = []
         for is_conn in (False, True):
@@ -208,7 +211,9 @@ def build_training_data(cfg: TrainConfig, model, tokenizer):
 
     if cfg.data is None:
         raise ConfigError("train config: the `data` section is required")
-    return build_dataset(from_dict(DataArgs, cfg.data, "data"), model, tokenizer), DataCollator(tokenizer)
+    dataset = build_dataset(from_dict(DataArgs, cfg.data, "data"), model, tokenizer)
+    # A dataset with inputs of its own (medm.qwenvl: image grids, M-RoPE token types) brings its collator.
+    return dataset, dataset.collator() if hasattr(dataset, "collator") else DataCollator(tokenizer)
 
 
 def run_training(cfg: TrainConfig, dataset=None, collator=None,
@@ -257,17 +262,19 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         dataset, collator = build_training_data(cfg, model, tokenizer)
     encoder_trains = any(modes[e].kind in ("full", "partial") for e in ENCODERS if e in modes)
     args = training_arguments(train, device, find_unused_parameters=True if encoder_trains else None)
-    cbs = [MetricsJsonl(out, fresh=not resume), NoGradCheck(), *(callbacks or [])]
+    # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.interop.model_card).
+    cbs = [MetricsJsonl(out, fresh=not resume), NoGradCheck(), ModelCardCallback(cfg), *(callbacks or [])]
     if "tensorboard" in train.report_to:
         from transformers.integrations import TensorBoardCallback
 
         tb = TensorBoardCallback()
         tb.logging_dir = os.path.join(out, "tensorboard")
         cbs.append(tb)
+    paths = component_paths(model)
     trainer = MedMTrainer(model=train_model, args=args, train_dataset=dataset, data_collator=collator,
                           processing_class=tokenizer, callbacks=cbs, connector_lr=train.connector_lr,
                           checkpoint_format=fmt, base_dir=base,
-                          components=[k for k, m in modes.items() if m.trains])
+                          components=[p for k, m in modes.items() if m.trains for p in paths[k]])
     try:
         trainer.train(resume_from_checkpoint=resume)
         trainer.save_model(out)

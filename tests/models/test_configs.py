@@ -69,6 +69,10 @@ def test_every_model_yaml_builds_with_tiny_overrides(path):
     args = parse_model_args(cfg, where=path.name)  # the real file validates as written
     tiny = tiny_overrides(cfg)
     model, tok = build_model(tiny)
+    if args.kind == "qwen-vl":  # a Qwen-VL model and its processor; run end to end in tests/qwenvl
+        assert model.config.model_type == tiny["qwenvl"]["config"]["model_type"]
+        assert model.config.medm["box_format"] == args.qwenvl.box_format
+        return
     assert model.config.llm["family"] == args.llm.family
     if args.vision:
         assert model.config.vision["name"] == args.vision["name"]

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
+from medm.interop.llava_hf import llava_config, to_llava_state_dict
 from medm.models import build_model, load_model, save_model
 from medm.models.tiny import tiny_model_config
 
@@ -13,28 +14,12 @@ def _prompt_ids(tok, n_image_tokens, text="Is there a lesion in the upper left?"
 
 
 def _llava_twin(model):
-    """transformers' LLaVA holding exactly the medm model's weights."""
-    vcfg = CLIPVisionConfig(**model.config.vision["config"])
-    cfg = LlavaConfig(vision_config=vcfg, text_config=model.config.text_config.to_dict(),
-                      image_token_id=model.config.image_token_id, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                      image_seq_length=model.num_image_tokens)
+    """transformers' LLaVA holding exactly the medm model's weights (medm.interop's config and weight mapping)."""
+    cfg = llava_config(model.config, model.num_image_tokens)
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.projector_hidden_act) == (
+        -2, "default", "gelu")
     llava = LlavaForConditionalGeneration(cfg).eval()
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("vision.model."):
-            sd["model.vision_tower." + k[len("vision.model."):]] = v
-        elif k.startswith("connector.mlp.0."):
-            sd["model.multi_modal_projector.linear_1." + k.split(".")[-1]] = v
-        elif k.startswith("connector.mlp.2."):
-            sd["model.multi_modal_projector.linear_2." + k.split(".")[-1]] = v
-        elif k.startswith("llm.model."):
-            sd["model.language_model." + k[len("llm.model."):]] = v
-        elif k.startswith("llm.lm_head."):
-            sd["lm_head." + k[len("llm.lm_head."):]] = v
-        else:
-            raise AssertionError(f"unmapped medm parameter {k}")
-    missing, unexpected = llava.load_state_dict(sd, strict=False)
+    missing, unexpected = llava.load_state_dict(to_llava_state_dict(model), strict=False)
     assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
     return llava
 

@@ -94,7 +94,7 @@ def test_encoder_lora_and_partial_blocks_with_llm_lora():
 
 @pytest.mark.parametrize("field,value,message", [
     ("llm", "partial:1", r"stage.llm: 'partial:1' is not a mode for the llm; valid: frozen, full, lora, qlora"),
-    ("connector", "lora", r"stage.connector: 'lora' is not a mode"),
+    ("connector", "qlora", r"stage.connector: 'qlora' is not a mode"),
     ("vision", "partial:0", r"stage.vision: 'partial:0' must be partial:N with N >= 1"),
     ("vision", "full:2", r"only partial takes a ':N'"),
 ])

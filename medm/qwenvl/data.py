@@ -1,0 +1,368 @@
+"""medm records -> Qwen-VL model inputs: the processor's chat template, exact labels, dynamic-resolution images.
+
+The same records as the medm kind (LLaVA / MedM-VL, or ShareGPT through `load_records`) are rendered with the
+model's own ChatML template. Each `<image>` placeholder becomes the processor's vision span
+`<|vision_start|><|image_pad|>...<|image_pad|><|vision_end|>`, with one `<|image_pad|>` per LLM token of that image:
+`(H / patch) * (W / patch) / merge^2` for the size `smart_resize` gives it (dynamic resolution, bounded by the
+processor's min / max pixels). Images with a side below one merged patch (28 px for patch 14) are upscaled first, as
+LLaMA-Factory does. Sizes come from the image headers when the dataset is built, so lengths are exact before any
+pixel is decoded; `__getitem__` checks the processor's `image_grid_thw` against them.
+
+Labels are the assistant turns and their `<|im_end|>`, with the same exactness checks as the medm kind
+(`medm.data.templates.ChatFormat`: a `TemplateError` naming the record on any mismatch). Canonical boxes in the
+turns are rewritten into the model's `box_format` (`medm.qwenvl.boxes`), relative to the record's first image.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record, load_records, resolve_path
+from medm.data.collator import DataCollator
+from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError
+from medm.qwenvl import boxes
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_SPAN = f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
+# Grounding tokens may sit inside an answer (Qwen2-VL boxes): they never end an assistant turn.
+GROUNDING_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                    "<|quad_end|>")
+Size = tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """One image as the vision tower sees it.
+
+    Attributes:
+        original: (width, height) as stored (boxes in records are pixels of this size).
+        resized: (width, height) after upscaling tiny images and `smart_resize` (multiples of patch * merge).
+        patch, merge: the processor's patch size and spatial merge size.
+    """
+
+    original: Size
+    resized: Size
+    patch: int
+    merge: int
+
+    @property
+    def grid_thw(self) -> tuple[int, int, int]:
+        """(1, H / patch, W / patch): the `image_grid_thw` row of this image."""
+        return 1, self.resized[1] // self.patch, self.resized[0] // self.patch
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM tokens (`<|image_pad|>` ids) of this image."""
+        _, gh, gw = self.grid_thw
+        return gh * gw // self.merge ** 2
+
+
+def image_size(path: str) -> Size:
+    """(width, height) of an image file as `medm.data.images.load_image` returns it, from the header where it can
+    (EXIF orientation applied); DICOM files are decoded."""
+    from medm.data.images import is_dicom, load_image
+
+    if is_dicom(path):
+        return load_image(path).size
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            # EXIF orientations 5-8 rotate by 90 degrees: load_image's exif_transpose swaps the sides.
+            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    except OSError:
+        return load_image(path).size  # raises ImageLoadError with the reason
+
+
+class QwenVLChatFormat(ChatFormat):
+    """`ChatFormat` with the processor's chat template, where grounding tokens are answer text, not turn ends."""
+
+    def __init__(self, processor, system_prompt: str | None = None):
+        tokenizer = processor.tokenizer
+        if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+            tokenizer.chat_template = processor.chat_template
+        super().__init__(tokenizer, None, system_prompt)
+        if getattr(processor, "chat_template", None):
+            self.jinja = processor.chat_template
+        self.special_ids -= {tokenizer.convert_tokens_to_ids(t) for t in GROUNDING_TOKENS}
+
+
+def expand_images(ids: Sequence[int], labels: Sequence[int] | None, pad_id: int, counts: Sequence[int],
+                  max_length: int | None = None) -> tuple[list[int], list[int] | None, int]:
+    """Repeat the k-th `<|image_pad|>` `counts[k]` times (labels -100), keeping at most `max_length` ids.
+
+    Truncation keeps a prefix and never cuts an image: when an image's run would cross `max_length` the cut moves
+    before it, and it and every later image are dropped.
+
+    Returns:
+        (ids, labels or None, number of images kept).
+    """
+    out: list[int] = []
+    out_labels: list[int] | None = [] if labels is not None else None
+    k = 0
+    for i, tok in enumerate(ids):
+        n = counts[k] if tok == pad_id else 1
+        if max_length is not None and len(out) + n > max_length:
+            break
+        out.extend([tok] * n)
+        if out_labels is not None:
+            out_labels.extend([IGNORE_INDEX] * n if tok == pad_id else [labels[i]])
+        k += tok == pad_id
+    return out, out_labels, k
+
+
+class QwenVLInputs:
+    """Records -> token ids, labels and pixel inputs for one Qwen-VL processor; shared by the dataset and inference.
+
+    Args:
+        processor: the model's processor (tokenizer with the Qwen special tokens, Qwen2-VL-style image processor).
+        box_format: the model's box convention (`medm.qwenvl.boxes`).
+        system_prompt: system turn for conversations without one; None: the template's default.
+    """
+
+    def __init__(self, processor, box_format: str, system_prompt: str | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.box_format = boxes.check_format(box_format)
+        self.format = QwenVLChatFormat(processor, system_prompt)
+        ip = processor.image_processor
+        self.patch, self.merge = int(ip.patch_size), int(ip.merge_size)
+        self.factor = self.patch * self.merge
+        self.min_pixels, self.max_pixels = int(ip.size["shortest_edge"]), int(ip.size["longest_edge"])
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        # Ids the model must never generate: a vision id without pixels behind it breaks the next step.
+        self.vision_ids = sorted({self.tokenizer.convert_tokens_to_ids(t) for t in (
+            IMAGE_PAD, "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")} - {None})
+
+    # ---- images ----------------------------------------------------------------------------------------------
+    def _upscaled(self, size: Size) -> Size:
+        w, h = size
+        return max(w, self.factor), max(h, self.factor)
+
+    def geometry(self, size: Size) -> ImageGeometry:
+        """How an image of `size` (width, height) is resized and how many tokens it gives."""
+        w, h = self._upscaled(size)
+        rh, rw = smart_resize(h, w, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return ImageGeometry(tuple(size), (rw, rh), self.patch, self.merge)
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """RGB, with sides below one merged patch upscaled to it (the processor then applies smart_resize)."""
+        image = image.convert("RGB")
+        size = self._upscaled(image.size)
+        return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+    def pixels(self, images: Sequence[Image.Image], geometries: Sequence[ImageGeometry],
+               record_id: str) -> dict[str, torch.Tensor]:
+        """`pixel_values` (sum of patches, C * T * patch^2) and `image_grid_thw` (n, 3) of prepared images,
+        checked against the geometries the token counts were computed from."""
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        want = torch.tensor([g.grid_thw for g in geometries], dtype=torch.long)
+        if not torch.equal(out["image_grid_thw"].long(), want):
+            raise ValueError(f"record {record_id!r}: the processor gives image grids {out['image_grid_thw'].tolist()} "
+                             f"but the token counts were computed for {want.tolist()} (did an image change size?)")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": want}
+
+    # ---- text ------------------------------------------------------------------------------------------------
+    def messages(self, conversation: Record | list[dict[str, str]], geometries: Sequence[ImageGeometry],
+                 record_id: str) -> list[dict[str, str]]:
+        """Chat messages with `<image>` -> the vision span and canonical boxes -> the model's convention."""
+        msgs = conversation.messages() if isinstance(conversation, Record) else [dict(m) for m in conversation]
+        for m in msgs:
+            if IMAGE3D_TOKEN in m["content"]:
+                raise TemplateError(f"record {record_id!r}: Qwen-VL models take 2D images only, not {IMAGE3D_TOKEN}")
+            if m["role"] == "user":
+                m["content"] = m["content"].replace(IMAGE_TOKEN, VISION_SPAN)
+            if m["role"] in ("user", "assistant") and boxes.has_boxes(m["content"]):
+                if not geometries:
+                    raise TemplateError(f"record {record_id!r}: {m['role']} turn holds boxes but the record has no "
+                                        "image to place them on")
+                g = geometries[0]
+                m["content"] = boxes.to_model(m["content"], self.box_format, g.original, g.resized)
+        return msgs
+
+    def _check_images(self, ids: Sequence[int], n: int, record_id: str) -> None:
+        got = sum(1 for i in ids if i == self.image_pad_id)
+        if got != n:
+            raise TemplateError(f"record {record_id!r}: the rendering holds {got} {IMAGE_PAD} token(s) for {n} "
+                                "image(s)")
+
+    def encode(self, conversation: Record | list[dict[str, str]], geometries: Sequence[ImageGeometry],
+               record_id: str | None = None) -> tuple[list[int], list[int]]:
+        """Training ids and labels, one `<|image_pad|>` per image (expand with `expand`)."""
+        rid = record_id if record_id is not None else getattr(conversation, "id", "<messages>")
+        ids, labels = self.format.encode(self.messages(conversation, geometries, rid), record_id=rid)
+        self._check_images(ids, len(geometries), rid)
+        return ids, labels
+
+    def encode_prompt(self, conversation: Record | list[dict[str, str]], geometries: Sequence[ImageGeometry],
+                      record_id: str | None = None) -> list[int]:
+        """Inference prompt ids up to `<|im_start|>assistant\\n`, images expanded (trailing answers left out)."""
+        rid = record_id if record_id is not None else getattr(conversation, "id", "<messages>")
+        ids = self.format.encode_prompt(self.messages(conversation, geometries, rid))
+        self._check_images(ids, len(geometries), rid)
+        return self.expand(ids, None, geometries)[0]
+
+    def expand(self, ids: Sequence[int], labels: Sequence[int] | None, geometries: Sequence[ImageGeometry],
+               max_length: int | None = None) -> tuple[list[int], list[int] | None, int]:
+        return expand_images(ids, labels, self.image_pad_id, [g.num_tokens for g in geometries], max_length)
+
+    def answer_text(self, ids: Sequence[int], geometry: ImageGeometry | None) -> str:
+        """Generated ids -> answer text, boxes in canonical pixels of the image (grounding tokens kept to parse)."""
+        keep = [i for i in ids if i not in self.format.special_ids]  # grounding ids are not in special_ids
+        text = self.tokenizer.decode(keep, skip_special_tokens=False).strip()
+        if geometry is not None:
+            text = boxes.from_model(text, self.box_format, geometry.original, geometry.resized)
+        return text
+
+
+class QwenVLCollator(DataCollator):
+    """`DataCollator` plus `image_grid_thw` (concatenated, item order) and `mm_token_type_ids` (1 on image tokens).
+
+    Returns:
+        `input_ids`, `attention_mask` (B, T), `labels` (B, T) when items have them, `mm_token_type_ids` (B, T),
+        and when the batch has images `pixel_values` (sum of patches, D) and `image_grid_thw` (n_images, 3).
+    """
+
+    def __init__(self, tokenizer: Any, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        super().__init__(tokenizer, padding_side, pad_to_multiple_of)
+        self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(items)
+        grids = [it["image_grid_thw"] for it in items if it.get("image_grid_thw") is not None]
+        if grids:
+            batch["image_grid_thw"] = torch.cat(grids)
+        # M-RoPE reads which positions are image tokens (0 text, 1 image); padding is text.
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_pad_id).to(torch.int32)
+        return batch
+
+
+@dataclass
+class _Sample:
+    record: Record
+    geometries: list[ImageGeometry]  # of every image of the record
+    ids: array  # one <|image_pad|> per image
+    labels: array
+    length: int  # after expansion and truncation
+    n_images: int  # images left after truncation
+
+
+class QwenVLDataset(torch.utils.data.Dataset):
+    """Conversation records as Qwen-VL inputs (see the module doc).
+
+    Args:
+        records: normalised records (`medm.data.annotations.load_records`).
+        processor: the model's processor.
+        box_format: the model's box convention.
+        image_dir: base directory of relative image paths.
+        system_prompt: system prompt for records without one; None: the template's default.
+        max_length: most ids per sample, image ids included.
+
+    Items: `input_ids` (T,), `labels` (T,), `pixel_values` (patches, D) or None, `image_grid_thw` (n, 3) or None,
+    `length` T.
+    """
+
+    def __init__(self, records: Sequence[Record], processor, *, box_format: str, image_dir: str | None = None,
+                 system_prompt: str | None = None, max_length: int = 2048):
+        records = list(records)
+        self.inputs = QwenVLInputs(processor, box_format, system_prompt)
+        self.processor = processor
+        self.image_dir = image_dir
+        self.max_length = max_length
+        volumes = next((r.id for r in records if r.image3d), None)
+        if volumes is not None:
+            raise ValueError(f"record {volumes!r} has 3D volumes (`image3d`); Qwen-VL models take 2D images only")
+        self.samples: list[_Sample] = []
+        self.num_dropped = 0
+        sizes: dict[str, Size] = {}
+        errors: list[TemplateError] = []
+        for rec in records:
+            geometries = [self.inputs.geometry(self._size(rec, p, sizes)) for p in rec.image]
+            try:
+                ids, labels = self.inputs.encode(rec, geometries)
+            except TemplateError as e:
+                errors.append(e)
+                continue
+            full, lab, kept = self.inputs.expand(ids, labels, geometries, max_length)
+            if all(v == IGNORE_INDEX for v in lab):
+                self.num_dropped += 1
+                continue
+            self.samples.append(_Sample(rec, geometries, array("l", ids), array("l", labels), len(full), kept))
+        if errors:
+            shown = "\n  ".join(str(e) for e in errors[:10])
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise TemplateError(f"{len(errors)} of {len(records)} record(s) cannot be encoded exactly:\n  "
+                                f"{shown}{more}")
+        if self.num_dropped:
+            logger.warning("dropped %d of %d record(s) left with no supervised token (no assistant answer within "
+                           "max_length=%d)", self.num_dropped, len(records), max_length)
+
+    def _size(self, rec: Record, path: str, cache: dict[str, Size]) -> Size:
+        full = resolve_path(path, self.image_dir)
+        if full not in cache:
+            try:
+                cache[full] = image_size(full)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"record {rec.id!r}: cannot read the size of image {full}: {e}") from None
+            w, h = cache[full]
+            if max(w, h) / max(min(w, h), 1) > 200:
+                raise ValueError(f"record {rec.id!r}: image {full} is {w}x{h}; Qwen-VL processors refuse aspect "
+                                 "ratios above 200")
+        return cache[full]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Ids per sample (text + image tokens, after truncation), for length-grouped batching."""
+        return [s.length for s in self.samples]
+
+    @property
+    def modalities(self) -> list[str]:
+        return ["image" if s.n_images else "text" for s in self.samples]
+
+    def record(self, i: int) -> Record:
+        return self.samples[i].record
+
+    def collator(self) -> QwenVLCollator:
+        """The collator for this dataset's items (right padding, for training)."""
+        return QwenVLCollator(self.inputs.tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from medm.data.images import load_image
+
+        s = self.samples[i]
+        ids, labels, _ = self.inputs.expand(s.ids, s.labels, s.geometries, self.max_length)
+        item: dict[str, Any] = {"input_ids": torch.tensor(ids, dtype=torch.long),
+                                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": None,
+                                "image_grid_thw": None, "length": len(ids)}
+        if s.n_images:
+            images = [self.inputs.prepare_image(load_image(resolve_path(p, self.image_dir)))
+                      for p in s.record.image[:s.n_images]]
+            item.update(self.inputs.pixels(images, s.geometries[:s.n_images], s.record.id))
+        return item
+
+
+def build_qwenvl_dataset(data_args, model, processor) -> QwenVLDataset:
+    """The training dataset of a `data:` section (medm.data.DataArgs) for a qwen-vl model."""
+    if not data_args.path:
+        raise ValueError("data.path: give the annotation file(s) to train or evaluate on")
+    if data_args.template is not None:
+        raise ValueError(f"data.template: {data_args.template!r}; a qwen-vl model renders conversations with its "
+                         "processor's chat template, so leave template null")
+    settings = model.medm_settings
+    system_prompt = data_args.system_prompt if data_args.system_prompt is not None else settings.get("system_prompt")
+    return QwenVLDataset(load_records(data_args.path, for_training=True), processor,
+                         box_format=settings["box_format"], image_dir=data_args.image_dir,
+                         system_prompt=system_prompt, max_length=data_args.max_length)
+

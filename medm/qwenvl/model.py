@@ -1,0 +1,198 @@
+"""Qwen-VL models as the `qwen-vl` model kind: transformers' own classes plus the hooks medm asks a model for.
+
+Each class here is the transformers class with `QwenVLMixin` added and the same class name, so a saved
+`config.json` names the transformers architecture and the checkpoint opens with plain transformers (or vLLM).
+The mixin tells medm's shared code what it needs, so that code never branches on model names:
+
+- `stage_components()`: which modules are the stage plan's `vision` (the vision blocks), `connector` (the merger)
+  and `llm` (the language model and its head);
+- `llm_lora_targets()`: default LoRA targets of the language model;
+- `build_dataset()` / `predictor_class()`: the data and inference code that renders records with the processor.
+
+medm's own settings for the model (`kind`, `box_format`, `system_prompt`, ...) ride in `config.medm`, so a
+checkpoint reopens with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor, PretrainedConfig, ProcessorMixin
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+from transformers.models.qwen2_vl import modeling_qwen2_vl
+from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+from medm.config import ConfigError
+from medm.models.llm import check_attn_implementation, resolve_dtype
+from medm.qwenvl.args import MODEL_TYPES, QwenVLArgs
+
+KIND = "qwen-vl"
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Token ids the model config must share with the tokenizer.
+_TOKEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+              "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+
+
+class QwenVLMixin:
+    """What medm's stages, checkpoints, data and inference code ask of a qwen-vl model (see the module doc)."""
+
+    # Stage-plan component -> module paths; the first `vision` path holds the blocks that `partial:N` counts.
+    _stage_paths: dict[str, tuple[str, ...]] = {}
+
+    def stage_components(self) -> dict[str, list[str]]:
+        return {name: list(paths) for name, paths in self._stage_paths.items()}
+
+    @property
+    def medm_settings(self) -> dict[str, Any]:
+        """`config.medm`: kind, box_format, system_prompt, lora_target_modules, and where the weights came from."""
+        return dict(getattr(self.config, "medm", None) or {})
+
+    def llm_lora_targets(self) -> list[str]:
+        return list(self.medm_settings.get("lora_target_modules") or DEFAULT_LORA_TARGETS)
+
+    def build_dataset(self, data_args, processor):
+        """The training dataset of `data_args` (medm.data.DataArgs) rendered with this model's processor."""
+        from medm.qwenvl.data import build_qwenvl_dataset
+
+        return build_qwenvl_dataset(data_args, self, processor)
+
+    def predictor_class(self) -> type:
+        from medm.qwenvl.infer import QwenVLPredictor
+
+        return QwenVLPredictor
+
+
+_QWEN2_PATHS = {"vision": ("model.visual.blocks", "model.visual.patch_embed"),
+                "connector": ("model.visual.merger",), "llm": ("model.language_model", "lm_head")}
+
+
+class Qwen2VLForConditionalGeneration(QwenVLMixin, modeling_qwen2_vl.Qwen2VLForConditionalGeneration):
+    _stage_paths = _QWEN2_PATHS
+
+
+class Qwen2_5_VLForConditionalGeneration(QwenVLMixin, modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
+    _stage_paths = _QWEN2_PATHS
+
+
+class Qwen3VLForConditionalGeneration(QwenVLMixin, modeling_qwen3_vl.Qwen3VLForConditionalGeneration):
+    # Qwen3-VL adds learned position embeddings to the tower and deepstack mergers beside the final one.
+    _stage_paths = {"vision": ("model.visual.blocks", "model.visual.patch_embed", "model.visual.pos_embed"),
+                    "connector": ("model.visual.merger", "model.visual.deepstack_merger_list"),
+                    "llm": ("model.language_model", "lm_head")}
+
+
+@dataclass(frozen=True)
+class QwenVLClasses:
+    """The model, processor and video processor classes of one Qwen-VL `model_type`."""
+
+    model: type
+    processor: str
+    video_processor: str
+
+    def processor_classes(self) -> tuple[type, type]:
+        import transformers
+
+        return getattr(transformers, self.processor), getattr(transformers, self.video_processor)
+
+
+QWENVL_CLASSES = {
+    "qwen2_vl": QwenVLClasses(Qwen2VLForConditionalGeneration, "Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": QwenVLClasses(Qwen2_5_VLForConditionalGeneration, "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": QwenVLClasses(Qwen3VLForConditionalGeneration, "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
+
+
+def classes_for(model_type: str, where: str) -> QwenVLClasses:
+    if model_type not in QWENVL_CLASSES:
+        raise ConfigError(f"{where}: model_type {model_type!r} is not a Qwen-VL class medm builds; supported: "
+                          f"{', '.join(QWENVL_CLASSES)}")
+    return QWENVL_CLASSES[model_type]
+
+
+def set_image_pixels(processor: ProcessorMixin, min_pixels: int, max_pixels: int) -> None:
+    """Make the image processor resize every image to an area in [min_pixels, max_pixels]."""
+    processor.image_processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+
+
+def _tie_tokens(config: PretrainedConfig, tokenizer) -> None:
+    """A random-init config takes its vocabulary size and special token ids from the tokenizer."""
+    for key, token in _TOKEN_IDS.items():
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tokenizer.convert_ids_to_tokens(tid) != token:
+            raise ConfigError(f"the tokenizer has no {token} token; a Qwen-VL tokenizer needs it")
+        setattr(config, key, tid)
+    text = config.text_config
+    text.vocab_size = len(tokenizer)
+    text.eos_token_id = tokenizer.eos_token_id
+    text.pad_token_id = tokenizer.pad_token_id
+    text.bos_token_id = tokenizer.bos_token_id
+
+
+def build_qwenvl(args: QwenVLArgs, system_prompt: str | None = None, where: str = "model.qwenvl"):
+    """(model, processor) from a `qwenvl:` section: pretrained from `path`, or random init from `config`."""
+    args.check(where)
+    dtype = resolve_dtype(args.dtype)
+    attn = check_attn_implementation(args.attn_implementation)
+    if args.path is not None:
+        config = AutoConfig.from_pretrained(args.path, trust_remote_code=args.trust_remote_code)
+        if args.model_type not in (None, config.model_type):
+            raise ConfigError(f"{where}.model_type: {args.model_type!r}, but {args.path} holds a "
+                              f"{config.model_type!r} model")
+        classes = classes_for(config.model_type, f"{where}.path {args.path}")
+        model = classes.model.from_pretrained(args.path, config=config, dtype=dtype, attn_implementation=attn,
+                                              trust_remote_code=args.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(args.processor or args.path,
+                                                  trust_remote_code=args.trust_remote_code)
+    else:
+        cfg = dict(args.config)
+        model_type = cfg.pop("model_type")
+        classes = classes_for(model_type, f"{where}.config")
+        config = AutoConfig.for_model(model_type, **cfg)
+        if args.tiny_processor:
+            from medm.qwenvl.tiny import tiny_qwenvl_processor
+
+            processor = tiny_qwenvl_processor(*classes.processor_classes(), config.vision_config, args.min_pixels,
+                                              args.max_pixels)
+        else:
+            processor = AutoProcessor.from_pretrained(args.processor, trust_remote_code=args.trust_remote_code)
+        _tie_tokens(config, processor.tokenizer)
+        model = classes.model._from_config(config, attn_implementation=attn)
+        model.to(dtype)
+    set_image_pixels(processor, args.min_pixels, args.max_pixels)
+    model.config.medm = {"kind": KIND, "box_format": args.box_format, "system_prompt": system_prompt,
+                         "lora_target_modules": args.lora_target_modules, "path": args.path}
+    return model, processor
+
+
+def is_qwenvl_checkpoint(path: str) -> bool:
+    """True when `path`'s config.json was written by a qwen-vl model of medm (`config.medm.kind`)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        return False
+    with open(cfg_file) as f:
+        medm = json.load(f).get("medm")
+    return isinstance(medm, dict) and medm.get("kind") == KIND
+
+
+def load_qwenvl(path: str, dtype: str | None = None, device: str | torch.device | None = None):
+    """Reopen a qwen-vl checkpoint written by medm (config.json with `medm`, safetensors, processor)."""
+    config = AutoConfig.from_pretrained(path)
+    classes = classes_for(config.model_type, f"checkpoint {path}")
+    model = classes.model.from_pretrained(path, config=config, use_safetensors=True,
+                                          dtype=resolve_dtype(dtype) if dtype else None)
+    if device is not None:
+        model.to(device)
+    return model, load_qwenvl_processor(path)
+
+
+def load_qwenvl_processor(path: str) -> ProcessorMixin:
+    return AutoProcessor.from_pretrained(path)
+
+
+__all__ = ["DEFAULT_LORA_TARGETS", "KIND", "MODEL_TYPES", "QWENVL_CLASSES", "Qwen2VLForConditionalGeneration",
+           "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration", "QwenVLMixin", "build_qwenvl",
+           "is_qwenvl_checkpoint", "load_qwenvl", "load_qwenvl_processor", "set_image_pixels"]
