@@ -4,8 +4,9 @@ input ids with exact assistant-only labels.
 Rendering. With `template=None` the tokenizer's own `chat_template` renders (ChatML for Qwen2.5, Llama-3 headers,
 Phi-3 tags), exactly as `tokenizer.apply_chat_template` does. Registered templates (`TEMPLATE` registry) cover
 tokenizers without one: `phi2` ("Instruct: ...\\nOutput: ..."), `vicuna` (LLaVA v1: system, "USER: q ASSISTANT: a</s>")
-and `pretrain` (the images' placeholders, the caption, EOS; human text dropped). They are jinja strings too, so
-every format goes through the same code.
+and `pretrain` (the images' placeholders, the caption, EOS; human text dropped); `medm-vl` and `tinyllava` render
+the prompts of checkpoints brought in by `medm import` byte for byte. They are jinja strings too, so every format goes
+through the same code.
 
 Labels (`ChatFormat.encode`). The full conversation is rendered once and tokenized once with offsets, with
 `add_special_tokens=False` like `apply_chat_template(tokenize=True)`, so input ids equal the tokenizer's own
@@ -93,7 +94,44 @@ PRETRAIN = (
     "{%- endif -%}{%- endfor -%}"
 )
 
+# MedM-VL (conv_version qwen2; other LLMs the same text with their EOS): "{system} USER: {q} ASSISTANT: {a}<eos>"
+# with a space before every turn; the image placeholder stays where the record put it.
+MEDM_VL = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '" + _LLAVA_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{ system }}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ ' USER: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' + message['content'] + eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+# TinyLLaVA_Factory (phi, qwen2_base, qwen2_instruct, llama, gemma templates; they differ only in the EOS, which is
+# the tokenizer's here): "{system} USER: {q} ASSISTANT: {a}<eos>USER: ...". A question with an image is rewritten as
+# TinyLLaVA does: every "<image>" removed, the text stripped, one "<image>\n" put in front, the result stripped.
+TINYLLAVA = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = '" + _LLAVA_SYSTEM.replace("'", "\\'") + "' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{ system + ' ' }}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set content = message['content'] -%}"
+    "{%- if '" + IMAGE_TOKEN + "' in content -%}"
+    "{%- set content = ('" + IMAGE_TOKEN + "\\n' + content.replace('" + IMAGE_TOKEN + "', '').strip()).strip() -%}"
+    "{%- endif -%}{{ 'USER: ' + content + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
 TEMPLATE.register("phi2")(ChatTemplate(PHI2, "Phi-2 QA format: 'Instruct: q\\nOutput: a<eos>'"))
+TEMPLATE.register("medm-vl")(ChatTemplate(MEDM_VL, "MedM-VL: '{system} USER: q ASSISTANT: a<eos> USER: ...'"))
+TEMPLATE.register("tinyllava")(ChatTemplate(TINYLLAVA, "TinyLLaVA_Factory: '{system} USER: <image>\\nq ASSISTANT: "
+                                                       "a<eos>USER: ...' (image moved to the front)"))
 TEMPLATE.register("vicuna")(ChatTemplate(VICUNA, "LLaVA v1 / Vicuna: '{system} USER: q ASSISTANT: a</s>'"))
 TEMPLATE.register("pretrain")(ChatTemplate(PRETRAIN, "caption pretraining: '<image>caption<eos>', human text dropped"))
 

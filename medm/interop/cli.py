@@ -1,6 +1,8 @@
-"""`medm import llava-hf SRC OUT`: a transformers LLaVA checkpoint becomes a medm checkpoint.
+"""`medm import llava-hf | medm-vl | tinyllava SRC OUT`: another format's checkpoint becomes a medm checkpoint.
 
     medm import llava-hf /models/llava-interleave-qwen-0.5b-hf runs/imported
+    medm import medm-vl /models/MedM-VL-CT-Chest-3B-en runs/ct-chest --image3d-slices 32
+    medm import tinyllava /models/TinyLLaVA-Qwen2-0.5B-CLIP runs/tinyllava
     medm train configs/train/finetune_lora.yaml model=runs/imported/model.yaml stage.init_from=runs/imported
 
 (`medm export --to llava-hf` is the other direction; it lives with `medm export` in medm.train.cli.)
@@ -12,17 +14,39 @@ import argparse
 import logging
 import sys
 
-FORMATS = ("llava-hf",)
+FORMATS = ("llava-hf", "medm-vl", "tinyllava")
+# Options that only some source formats read.
+_SOURCE_OPTIONS = {"llm_path": ("medm-vl", "tinyllava"), "encoder_path": ("medm-vl", "tinyllava"),
+                   "encoder3d_path": ("medm-vl",), "image3d_slices": ("medm-vl",)}
+
+
+def _run_import(args: argparse.Namespace) -> str:
+    common = {"family": args.family, "template": args.template, "system_prompt": args.system_prompt,
+              "dtype": args.dtype}
+    for option, formats in _SOURCE_OPTIONS.items():
+        if getattr(args, option) is not None and args.format not in formats:
+            raise ValueError(f"--{option.replace('_', '-')} applies to {' and '.join(formats)}, not {args.format}")
+    if args.format == "medm-vl":
+        from medm.interop.medm_vl import import_medm_vl
+
+        return import_medm_vl(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path,
+                              encoder3d_path=args.encoder3d_path, image3d_slices=args.image3d_slices, **common)
+    if args.format == "tinyllava":
+        from medm.interop.tinyllava import import_tinyllava
+
+        return import_tinyllava(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path, **common)
+    from medm.interop.llava_hf import import_llava_hf
+
+    return import_llava_hf(args.src, args.out, **common)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from medm.interop.llava_hf import ImportFormatError, import_llava_hf
+    from medm.interop.llava_hf import ImportFormatError
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
-        out = import_llava_hf(args.src, args.out, family=args.family, template=args.template,
-                              system_prompt=args.system_prompt, dtype=args.dtype)
-    except (ImportFormatError, OSError, KeyError) as e:
+        out = _run_import(args)
+    except (ImportFormatError, ValueError, OSError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     print(f"medm checkpoint written to {out}")
@@ -32,16 +56,29 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "import", help="turn another format's checkpoint into a medm checkpoint",
-        description="medm import llava-hf SRC OUT: a transformers LlavaForConditionalGeneration directory (CLIP or "
-                    "SigLIP tower, two-layer projector, any causal LM) becomes a medm full checkpoint (config, "
-                    "weights, tokenizer, README.md) for `stage.init_from`, `medm infer` or `medm export`.")
+        description="medm import FORMAT SRC OUT: a checkpoint of another codebase becomes a medm full checkpoint "
+                    "(config, weights, tokenizer, model.yaml, README.md) for `stage.init_from`, `medm infer` or "
+                    "`medm export`. llava-hf: a transformers LlavaForConditionalGeneration directory; medm-vl: a "
+                    "MedM-VL (LVLMForConditionalGeneration) directory; tinyllava: a TinyLLaVA_Factory directory "
+                    "(finetune layout, or the pretrain layout's language_model/ vision_tower/ connector/ folders).")
     p.add_argument("format", choices=FORMATS, help="the source format")
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--family", default=None, help="medm LLM family (LoRA targets); default: the text config's "
                                                   "model_type when medm knows it, else auto")
-    p.add_argument("--template", default=None, help="registered medm chat template; default: the checkpoint's own")
+    p.add_argument("--template", default=None, help="registered medm chat template; default: the checkpoint's own "
+                                                    "(llava-hf), medm-vl, tinyllava")
     p.add_argument("--system-prompt", default=None, help="default system prompt; default: the one a medm export "
                                                          "recorded, else none")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: as stored")
+    p.add_argument("--llm-path", default=None, help="medm-vl, tinyllava: base LLM directory (or hub id) for the "
+                                                    "config and tokenizer the checkpoint does not carry")
+    p.add_argument("--encoder-path", default=None, help="medm-vl, tinyllava: base vision encoder directory (or hub "
+                                                        "id) for its config and image processor "
+                                                        "(preprocessor_config.json)")
+    p.add_argument("--encoder3d-path", default=None, help="medm-vl: base 3D encoder directory (M3D-CLIP, "
+                                                          "MedM-CLIP-CT) for its config")
+    p.add_argument("--image3d-slices", type=int, default=None, help="medm-vl: the checkpoint's 2D encoder reads "
+                                                                    "volumes slice by slice (MedM-VL-CT-Chest: 32); "
+                                                                    "import it as a 3D tower of this many slices")
     p.set_defaults(func=_cmd_import)
