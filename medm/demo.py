@@ -1,6 +1,11 @@
 """`medm demo`: phantom VQA data -> pretrain -> finetune -> held-out evaluation, on the CPU in minutes.
 
-Run: medm demo [--out runs/demo] [--finetune-steps N]
+Run: medm demo [--kind medm|qwen-vl|3d] [--3d] [--out runs/demo] [--finetune-steps N]
+
+`--kind medm` (default) pretrains the connector, then finetunes the tiny medm model (configs/demo/pretrain.yaml,
+finetune.yaml); `--kind qwen-vl` fully finetunes the tiny Qwen2.5-VL in one stage (configs/demo/finetune_qwenvl.yaml);
+`--3d` (`--kind 3d`) does the medm stages with a 3D tower on phantom volumes (configs/demo/pretrain3d.yaml,
+finetune3d.yaml; data from `medm.data.builders.phantoms3d`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,23 @@ import torch
 
 from medm.data.annotations import load_records
 from medm.data.builders.phantoms import KINDS, build_phantoms
+from medm.data.builders.phantoms3d import KINDS as KINDS_3D
+from medm.data.builders.phantoms3d import build_phantoms3d
 from medm.infer import GenerationSettings, Predictor
 from medm.train.args import load_train_config
 from medm.train.trainer import run_training
 
 logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+# Per model kind: its stages in order as (YAML in configs/demo, phantom file, output subdirectory), each starting
+# from the previous one's checkpoint; and the default output directory.
+DEMOS = {
+    "medm": ([("pretrain", "captions", "pretrain"), ("finetune", "train", "finetune")], "runs/demo"),
+    "qwen-vl": ([("finetune_qwenvl", "train", "finetune")], "runs/demo-qwen-vl"),
+    "3d": ([("pretrain3d", "captions", "pretrain"), ("finetune3d", "train", "finetune")], "runs/demo3d"),
+}
+# Per model kind whose data are not the 2D phantoms: (builder writing `captions` / `train` / `test`, question kinds).
+DEMO_DATA = {"3d": (build_phantoms3d, KINDS_3D)}
 
 
 def _norm(text: str) -> str:
@@ -49,22 +65,26 @@ def majority_by_kind(train_records, test_records) -> dict[str, float]:
     return accuracy_by_kind(test_records, preds)
 
 
-def run_demo(out: str = "runs/demo", finetune_steps: int | None = None, pretrain_steps: int | None = None,
-             n_train: int = 4000, n_test: int = 200, seed: int = 0) -> dict:
-    """Build the data, train both stages, evaluate, and write `out/results.json`."""
+def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain_steps: int | None = None,
+             n_train: int = 4000, n_test: int = 200, seed: int = 0, kind: str = "medm") -> dict:
+    """Build the data, train the stages of `kind` (see `DEMOS`), evaluate, and write `out/results.json`."""
+    if kind not in DEMOS:
+        raise ValueError(f"unknown demo kind {kind!r}; known: {', '.join(DEMOS)}")
+    stages, default_out = DEMOS[kind]
+    out = out or default_out
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data = os.path.join(out, "data")
-    paths = build_phantoms(data, n_train=n_train, n_test=n_test, seed=seed)
+    build, kinds = DEMO_DATA.get(kind, (build_phantoms, KINDS))
+    paths = build(data, n_train=n_train, n_test=n_test, seed=seed)
     t0 = time.time()
-    pre = load_train_config(str(CONFIGS / "pretrain.yaml"), [
-        f"data.path={paths['captions']}", f"data.image_dir={data}", f"train.output_dir={out}/pretrain",
-        f"train.seed={seed}", *([f"train.max_steps={pretrain_steps}"] if pretrain_steps else [])])
-    run_training(pre)
-    fin = load_train_config(str(CONFIGS / "finetune.yaml"), [
-        f"data.path={paths['train']}", f"data.image_dir={data}", f"train.output_dir={out}/finetune",
-        f"stage.init_from={out}/pretrain", f"train.seed={seed}",
-        *([f"train.max_steps={finetune_steps}"] if finetune_steps else [])])
-    run_training(fin)
+    previous = None
+    for yaml_name, data_file, sub in stages:
+        steps = pretrain_steps if sub == "pretrain" else finetune_steps
+        run_training(load_train_config(str(CONFIGS / f"{yaml_name}.yaml"), [
+            f"data.path={paths[data_file]}", f"data.image_dir={data}", f"train.output_dir={out}/{sub}",
+            f"train.seed={seed}", *([f"stage.init_from={previous}"] if previous else []),
+            *([f"train.max_steps={steps}"] if steps else [])]))
+        previous = f"{out}/{sub}"
     train_seconds = time.time() - t0
 
     predictor = Predictor.from_pretrained(f"{out}/finetune", image_dir=data)
@@ -78,7 +98,7 @@ def run_demo(out: str = "runs/demo", finetune_steps: int | None = None, pretrain
     results = {
         "accuracy": acc["overall"], "majority_baseline": majority["overall"], "blanked_accuracy": blanked["overall"],
         "per_kind": {k: {"n": counts[k], "accuracy": acc.get(k), "majority_baseline": majority.get(k),
-                         "blanked_accuracy": blanked.get(k)} for k in KINDS if counts[k]},
+                         "blanked_accuracy": blanked.get(k)} for k in kinds if counts[k]},
         "n_test": len(test), "train_seconds": round(train_seconds, 1),
         "checkpoint": os.path.abspath(f"{out}/finetune"),
     }
@@ -109,15 +129,22 @@ def print_table(results: dict, out: str) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_demo(args.out, finetune_steps=args.finetune_steps, pretrain_steps=args.pretrain_steps,
-             n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+             n_train=args.n_train, n_test=args.n_test, seed=args.seed, kind=args.kind)
     return 0
 
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train and evaluate the tiny phantom-VQA model on the CPU")
-    p.add_argument("--out", default="runs/demo", help="output directory (data, checkpoints, results.json)")
+    p.add_argument("--kind", default="medm", choices=sorted(DEMOS),
+                   help="model kind: medm (pretrain + finetune the tiny medm model) or qwen-vl (finetune the tiny "
+                        "Qwen2.5-VL) or 3d (pretrain + finetune the tiny medm model with a 3D tower on volumes)")
+    p.add_argument("--3d", dest="kind", action="store_const", const="3d",
+                   help="the 3D demo on phantom volumes (the same as --kind 3d)")
+    p.add_argument("--out", default=None, help="output directory (data, checkpoints, results.json); default "
+                                               "runs/demo, runs/demo-qwen-vl for --kind qwen-vl, runs/demo3d for --3d")
     p.add_argument("--finetune-steps", type=int, default=None, help="override the finetune stage's max_steps")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="override the pretrain stage's max_steps")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the pretrain stage's max_steps "
+                                                                     "(medm kind)")
     p.add_argument("--n-train", type=int, default=4000, help="training images (about 3 questions each)")
     p.add_argument("--n-test", type=int, default=200, help="held-out images")
     p.add_argument("--seed", type=int, default=0)

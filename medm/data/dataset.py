@@ -17,10 +17,17 @@ import torch
 from PIL import Image
 
 from medm.config import arg
+from medm.data._bad_samples import BadSamples
 from medm.data.annotations import Record, load_records, resolve_path
+from medm.data.images import ImageLoadError
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
+from medm.data.volumes import VolumeLoadError
 
 logger = logging.getLogger(__name__)
+
+# What a sample's media may raise while loading: skipped and counted (`max_bad_samples`), not fatal. OSError covers
+# what the loaders do not wrap (a permission denied, an I/O error on a network disk).
+_LOAD_ERRORS = (ImageLoadError, VolumeLoadError, OSError)
 
 
 @dataclass
@@ -32,6 +39,19 @@ class DataArgs:
     template: str | None = arg(None, "registered chat template overriding the model's (e.g. `pretrain` for caption "
                                      "pretraining); null: the model's")
     system_prompt: str | None = arg(None, "system prompt overriding the model's; null: the model's")
+    packing: bool = arg(False, "pack several samples into each row of up to pack_length tokens (no attention "
+                               "across samples; medm kind only); the batch size then counts rows. See "
+                               "medm.data.packing and docs/performance.md")
+    pack_length: int | None = arg(None, "tokens per packed row; null: max_length")
+    mixture: dict | None = arg(None, "data mixture settings (medm.data.mixture.MixtureArgs: num_samples, "
+                                     "replacement, shuffle, seed); a mixture is used when this is set or when a "
+                                     "`path` entry is a mapping with ratio / order / image_dir")
+    max_bad_samples: float | None = arg(100, "training samples whose image / volume fails to load (corrupt, "
+                                             "truncated, missing) are skipped, logged with file and id, replaced by "
+                                             "the next good sample and counted (`bad_samples` in the logs); more "
+                                             "distinct bad samples than this is an error naming the last files. A "
+                                             "count, a fraction of the samples when < 1, 0 to fail at the first, "
+                                             "null for no limit. See docs/reliability.md")
 
 
 @dataclass
@@ -60,6 +80,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         template: registered chat template name; None: the tokenizer's own.
         system_prompt: system prompt for records without one; None: the template's default.
         max_length: most ids per sample, image ids included.
+        max_bad_samples: distinct samples whose media may fail to load before `__getitem__` raises (a count, a
+            fraction of the samples when < 1, None: no limit); each failure is logged with the file and record id,
+            counted in `bad_samples` and replaced by the next good sample (see `__getitem__`).
 
     Items are dicts: `input_ids` (T,) long, `labels` (T,) long (-100 where not supervised), `pixel_values`
     (n_images, C, H, W) float or None, `pixel_values_3d` (n_volumes, C, D, H, W) float or None, `length` T.
@@ -68,7 +91,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[Record], tokenizer, *, num_image_tokens: int, num_image3d_tokens: int = 0,
                  image_preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
                  volume_preprocess: Callable[[str], torch.Tensor] | None = None, image_dir: str | None = None,
-                 template: str | None = None, system_prompt: str | None = None, max_length: int = 2048):
+                 template: str | None = None, system_prompt: str | None = None, max_length: int = 2048,
+                 max_bad_samples: float | None = 100):
         records = list(records)
         self.format = ChatFormat(tokenizer, template, system_prompt)
         self.image_preprocess = image_preprocess
@@ -80,6 +104,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.samples: list[_Sample] = []
         errors: list[TemplateError] = []
         self.num_dropped = 0
+        dropped_ids: list[str] = []
         for rec in records:
             try:
                 ids, labels = self.format.encode(rec)
@@ -89,6 +114,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             full, lab, kept = expand_media(ids, labels, self.sizes, max_length)
             if all(v == IGNORE_INDEX for v in lab):
                 self.num_dropped += 1
+                if len(dropped_ids) < 5:
+                    dropped_ids.append(rec.id)
                 continue
             self.samples.append(_Sample(rec, array("l", ids), array("l", labels), len(full),
                                         kept.get(self.format.image_id, 0), kept.get(self.format.image3d_id, 0)))
@@ -99,7 +126,9 @@ class ConversationDataset(torch.utils.data.Dataset):
                                 f"{shown}{more}")
         if self.num_dropped:
             logger.warning("dropped %d of %d record(s) left with no supervised token (no assistant answer within "
-                           "max_length=%d)", self.num_dropped, len(records), max_length)
+                           "max_length=%d), e.g. %s", self.num_dropped, len(records), max_length,
+                           ", ".join(repr(i) for i in dropped_ids))
+        self.bad_samples = BadSamples(len(self.samples), max_bad_samples)
         logger.info("conversation dataset: %d samples from %d records, %d dropped", len(self.samples), len(records),
                     self.num_dropped)
 
@@ -133,6 +162,43 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int | None]:
+        """Sample `i`; when its media fail to load, the next good sample after it (the same modality and no longer,
+        when there is one), so that one bad file costs one sample, not the run.
+
+        Raises:
+            TooManyBadSamples: more distinct bad samples than `max_bad_samples` (names the last files).
+        """
+        j = i
+        while True:
+            if not self.bad_samples.is_bad(j):
+                try:
+                    return self._item(j)
+                except _LOAD_ERRORS as e:
+                    if self.bad_samples.add(j, self.samples[j].record.id, e):
+                        logger.warning("skipping sample %r: %s (%d bad sample(s) so far)", self.samples[j].record.id,
+                                       e, self.bad_samples.count)
+            j = self._substitute(i)
+
+    def _substitute(self, i: int) -> int:
+        """The first sample after `i` (cyclically) not known to be bad: of `i`'s modality and length or shorter
+        (so length-grouped batches and packs keep their sizes) when there is one, else any."""
+        n, want = len(self.samples), self.samples[i]
+        kind = (want.n_images > 0, want.n_volumes > 0)
+        fallback = None
+        for k in range(1, n):
+            j = (i + k) % n
+            if self.bad_samples.is_bad(j):
+                continue
+            s = self.samples[j]
+            if (s.n_images > 0, s.n_volumes > 0) == kind and s.length <= want.length:
+                return j
+            fallback = j if fallback is None else fallback
+        if fallback is None:
+            raise RuntimeError(f"every one of the {n} samples failed to load (e.g. record {want.record.id!r}); check "
+                               "data.image_dir and the files with `medm data validate`")
+        return fallback
+
+    def _item(self, i: int) -> dict[str, torch.Tensor | int | None]:
         s = self.samples[i]
         ids, labels, _ = expand_media(s.ids, s.labels, self.sizes, self.max_length)
         return {
@@ -182,5 +248,5 @@ def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
         image_preprocess=image_preprocess, volume_preprocess=volume_preprocess, image_dir=data_args.image_dir,
         template=data_args.template if data_args.template is not None else cfg.template,
         system_prompt=data_args.system_prompt if data_args.system_prompt is not None else cfg.system_prompt,
-        max_length=data_args.max_length,
+        max_length=data_args.max_length, max_bad_samples=data_args.max_bad_samples,
     )

@@ -165,21 +165,22 @@ class Predictor:
             yield rec, self.decode(new)
 
     def stream(self, messages: list[dict[str, str]], images: list[str | Image.Image] | None = None,
-               settings: GenerationSettings | None = None) -> Iterator[str]:
+               settings: GenerationSettings | None = None, volumes: list[str] | None = None) -> Iterator[str]:
         """Yield the answer's text as it grows, token by token (for the playground).
 
         messages: chat turns `{"role": "user" | "assistant" | "system", "content"}`, `<image>` placeholders in user
-        turns, one per image in `images`.
+        turns, one per image in `images`, and `<image3d>` placeholders, one per volume path in `volumes`.
         """
         settings = settings or GenerationSettings()
         prompt = self.encode(messages)
         pixel_values = self.images(images or [])
+        pixel_values_3d = self.volumes(volumes or [])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                self.generate_ids([prompt], pixel_values, settings, streamer)
+                self.generate_ids([prompt], pixel_values, settings, streamer, pixel_values_3d=pixel_values_3d)
             except BaseException as e:  # surfaced in the caller's thread below
                 errors.append(e)
                 streamer.end()

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from medm.config import ConfigError, arg, from_dict, to_dict
 from medm.models.configuration_medm import MedMConfig
-from medm.models.llm import load_llm, resolve_dtype, resolve_text_config
+from medm.models.llm import load_llm, resolve_dtype, resolve_text_config, warn_remote_code
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
 from medm.qwenvl.args import QwenVLArgs
 from medm.registry import CONNECTOR, LLM, TEMPLATE, VISION
@@ -76,9 +76,12 @@ def parse_model_args(cfg: dict[str, Any], where: str = "model") -> ModelArgs:
         return args
     if args.qwenvl is not None:
         raise ConfigError(f"{where}.qwenvl: only for kind qwen-vl (kind is {args.kind!r})")
-    LLM.get(args.llm.family)
-    if args.template is not None:
-        TEMPLATE.get(args.template)
+    for key, reg, name in (("llm.family", LLM, args.llm.family), ("template", TEMPLATE, args.template)):
+        try:
+            if name is not None:
+                reg.get(name)
+        except KeyError as e:
+            raise ConfigError(f"{where}.{key}: {e.args[0]}") from None
     for slot, reg in (("vision", VISION), ("connector", CONNECTOR), ("vision3d", VISION), ("connector3d", CONNECTOR)):
         section = getattr(args, slot)
         if section is None:
@@ -110,7 +113,7 @@ def load_tokenizer(llm: LLMArgs) -> PreTrainedTokenizerBase:
     if not source:
         raise ConfigError("model.llm: set `tokenizer` or `path` (or `tiny_tokenizer` for an offline tiny one)")
     if llm.trust_remote_code:
-        logger.warning("trust_remote_code is ON for tokenizer %s", source)
+        warn_remote_code(source, "tokenizer")
     return AutoTokenizer.from_pretrained(source, trust_remote_code=llm.trust_remote_code)
 
 

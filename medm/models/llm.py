@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from medm.registry import LLM
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -35,6 +38,12 @@ LLM.register("phi3")(LLMFamily(lora_target_modules=["qkv_proj", "o_proj", "gate_
 LLM.register("phi")(LLMFamily(lora_target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
                               template="phi2"))
 LLM.register("auto")(LLMFamily(lora_target_modules=["all-linear"]))
+
+
+def warn_remote_code(source: str, what: str = "model") -> None:
+    """Name in the log the checkpoint whose own Python code is about to run (`trust_remote_code: true`)."""
+    logger.warning("trust_remote_code is ON: running the %s code shipped with %s (only for sources you trust)",
+                   what, source)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -66,6 +75,8 @@ def resolve_text_config(llm: dict[str, Any]) -> PretrainedConfig:
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     if not llm.get("path"):
         raise ValueError("the llm section needs `path` (local dir or hub id) or `config`")
+    if trust:
+        warn_remote_code(llm["path"], "config")
     return AutoConfig.from_pretrained(llm["path"], trust_remote_code=trust)
 
 
@@ -78,5 +89,7 @@ def build_llm(text_config: PretrainedConfig, attn_implementation: str = "sdpa") 
 def load_llm(path: str, text_config: PretrainedConfig, attn_implementation: str = "sdpa",
              trust_remote_code: bool = False) -> PreTrainedModel:
     """Pretrained causal LM weights from a local dir or hub id."""
+    if trust_remote_code:
+        warn_remote_code(path)
     return AutoModelForCausalLM.from_pretrained(path, config=text_config, trust_remote_code=trust_remote_code,
                                                 attn_implementation=check_attn_implementation(attn_implementation))

@@ -162,9 +162,19 @@ class MedMForConditionalGeneration(MedMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MedMCausalLMOutput:
         """input_ids: (B, T); attention_mask: (B, T); labels: (B, T) with -100 where not supervised;
-        pixel_values: (n_images, C, H, W); pixel_values_3d: (n_volumes, C, D, H, W)."""
+        pixel_values: (n_images, C, H, W); pixel_values_3d: (n_volumes, C, D, H, W).
+
+        Packed rows (medm.data.packing): `position_ids` (B, T) restarting at 0 for every sample and no
+        `attention_mask`; transformers then keeps each sample's attention to itself (a block-diagonal causal mask
+        for eager / sdpa / flex, varlen kernels for flash attention with the collator's `cu_seq_lens_*`).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if use_cache is None and past_key_values is None and (
+                labels is not None or (attention_mask is None and position_ids is not None)):
+            # A loss pass needs no KV cache (the LLM would build one from its config's `use_cache`); and sample
+            # boundaries are read from `position_ids` only when there is no cache, so packed rows must not get one.
+            use_cache = False
         image_features = image3d_features = None
         if inputs_embeds is None:
             inputs_embeds, image_features, image3d_features = self.embed(input_ids, pixel_values, pixel_values_3d)

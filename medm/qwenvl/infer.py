@@ -104,8 +104,10 @@ class QwenVLPredictor(Predictor):
             yield rec, self.decode(ids, geometry)
 
     def stream(self, messages: list[dict[str, str]], images: list[str | Image.Image] | None = None,
-               settings: GenerationSettings | None = None) -> Iterator[str]:
+               settings: GenerationSettings | None = None, volumes: list[str] | None = None) -> Iterator[str]:
         """Yield the answer's text as it grows (the last text has its boxes in canonical form)."""
+        if volumes:
+            raise ValueError("Qwen-VL models take 2D images only; this input has a 3D volume")
         settings = settings or GenerationSettings()
         item, geometry = self.prepare(messages, images or [])
         # Grounding tokens are special tokens: keep them in the stream and drop the others (e.g. <|im_end|>).

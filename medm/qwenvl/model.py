@@ -27,7 +27,7 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
 from medm.config import ConfigError
-from medm.models.llm import check_attn_implementation, resolve_dtype
+from medm.models.llm import check_attn_implementation, resolve_dtype, warn_remote_code
 from medm.qwenvl.args import MODEL_TYPES, QwenVLArgs
 
 KIND = "qwen-vl"
@@ -137,6 +137,8 @@ def build_qwenvl(args: QwenVLArgs, system_prompt: str | None = None, where: str 
     args.check(where)
     dtype = resolve_dtype(args.dtype)
     attn = check_attn_implementation(args.attn_implementation)
+    if args.trust_remote_code:
+        warn_remote_code(args.path or args.processor or "the configured processor", "model and processor")
     if args.path is not None:
         config = AutoConfig.from_pretrained(args.path, trust_remote_code=args.trust_remote_code)
         if args.model_type not in (None, config.model_type):

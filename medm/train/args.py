@@ -73,13 +73,30 @@ class TrainArgs:
     save_steps: float = arg(500, "checkpoint every N steps (save_strategy: steps)")
     save_total_limit: int | None = arg(None, "keep at most this many checkpoint-N directories; null: all")
     seed: int = arg(42, "seed for weight init, data order and dropout (equal seeds make runs repeatable)")
-    dataloader_num_workers: int = arg(0, "data loading worker processes")
-    train_sampling_strategy: str = arg("random", "random, sequential, or group_by_length (needs dataset lengths)")
+    dataloader_num_workers: int | None = arg(None, "data loading worker processes; null: 0 on the CPU (workers "
+                                                   "would take cores from the model), on a GPU min(8, CPU cores per "
+                                                   "process - 1), see docs/performance.md")
+    dataloader_prefetch_factor: int | None = arg(None, "batches each worker loads ahead; null: 2 (torch's default)")
+    dataloader_persistent_workers: bool = arg(True, "keep workers (and their caches) alive between epochs")
+    dataloader_pin_memory: bool = arg(True, "page-locked batches for faster, asynchronous copies to the GPU")
+    train_sampling_strategy: str = arg("auto", "auto (a data mixture's own plan; else group_by_modality_length when "
+                                               "the dataset knows its lengths; else random), random, sequential, "
+                                               "group_by_length (batches of similar length), or "
+                                               "group_by_modality_length (also one modality per batch: image, "
+                                               "image3d or text); see medm.data.sampler")
+    group_window: int = arg(64, "length grouping: sort within windows of this many steps (batch x GPUs); larger "
+                                "means less padding, 1 sorts within one step only (LLaVA)")
     deepspeed: str | None = arg(None, "DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json, ...)")
     device: str = arg("auto", "auto (CUDA when available), cuda, or cpu (gloo backend for multi-process runs)")
     resume_from_checkpoint: str | bool | None = arg(None, "resume this run: a checkpoint-N directory, or true for "
                                                           "the latest one in output_dir (optimizer, scheduler, RNG "
                                                           "and data position); not init_from")
+    stop_signals: list = arg(["SIGTERM"], "signals that save a checkpoint at the end of the current step and stop "
+                                          "the run cleanly (exit code 128 + signal number), e.g. [SIGTERM, SIGUSR1] "
+                                          "for Slurm's --signal=USR1@120; [] keeps the default handlers. See "
+                                          "docs/reliability.md")
+    stop_on_nonfinite_loss: bool = arg(True, "stop at the first NaN / Inf training loss without saving that step, "
+                                             "keeping the last good checkpoint (an error naming it)")
     report_to: list = arg(["tensorboard"], "logging integrations; [] for none (metrics.jsonl is always written)")
     disable_tqdm: bool = arg(False, "turn off the console progress bar")
     plot_loss: bool = arg(True, "write loss.png (training loss curve) into output_dir at the end")
@@ -118,6 +135,10 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
         raise ConfigError(f"{where}: train.output_dir is required")
     if cfg.get("data") is not None and not isinstance(cfg["data"], dict):
         raise ConfigError(f"{where}: `data` must be a mapping")
+    if cfg.get("data") is not None:
+        from medm.data.dataset import DataArgs
+
+        from_dict(DataArgs, cfg["data"], f"{where}: data")  # a misspelt key fails here, before any model is built
     return TrainConfig(model=parse_model_args(model, model_where), data=cfg.get("data"), stage=stage, train=train)
 
 

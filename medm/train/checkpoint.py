@@ -37,6 +37,22 @@ def write_meta(out_dir: str, fmt: str, base: str | None = None, components: list
         json.dump(meta, f, indent=2)
 
 
+def relocate_meta(ckpt_dir: str, new_dir: str) -> None:
+    """Rewrite the `base` path `ckpt_dir`'s meta holds (relative) for the directory's next place, `new_dir`; a
+    checkpoint written in a staging directory is renamed into place afterwards (medm.train.safety)."""
+    path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        meta = json.load(f)
+    if not meta.get("base"):
+        return
+    base = os.path.normpath(os.path.join(ckpt_dir, meta["base"]))
+    meta["base"] = os.path.relpath(base, new_dir)
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=2)
+
+
 def read_meta(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, META_FILE)
     if not os.path.isfile(path):

@@ -18,12 +18,33 @@ def _setup_logging() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
+    from medm.config import ConfigError
+    from medm.data._bad_samples import TooManyBadSamples
+    from medm.data.annotations import AnnotationError
     from medm.train.args import load_train_config
+    from medm.train.safety import CheckpointWriteError, NonFiniteLossError
     from medm.train.trainer import run_training
 
     _setup_logging()
-    cfg = load_train_config(args.config, args.overrides)
-    trainer = run_training(cfg)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        trainer = run_training(cfg)
+    except (ConfigError, AnnotationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, TooManyBadSamples, CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if trainer.stop_signal is not None:
+        # Stopped cleanly with a checkpoint; the conventional exit code of a process ended by that signal, so
+        # `medm train a.yaml && medm train b.yaml` does not start the next stage.
+        print(f"stopped by {trainer.stop_signal} at step {trainer.state.global_step}; resume with "
+              "train.resume_from_checkpoint=true", file=sys.stderr)
+        sig = getattr(signal.Signals, str(trainer.stop_signal), signal.SIGTERM)
+        return 128 + int(sig)
     if trainer.is_world_process_zero():
         print(f"saved to {cfg.train.output_dir}")
     return 0

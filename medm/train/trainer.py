@@ -9,18 +9,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medm.config import ConfigError, from_dict
+from medm.data._bad_samples import bad_sample_count
+from medm.data.dataset import DataArgs
 from medm.interop.model_card import ModelCardCallback
 from medm.models import build_model, save_model
 from medm.train.args import TrainArgs, TrainConfig
-from medm.train.checkpoint import BASE_DIR, load_components, load_init_weights, read_meta, save_components, write_meta
+from medm.train.checkpoint import (
+    BASE_DIR,
+    load_components,
+    load_init_weights,
+    read_meta,
+    relocate_meta,
+    save_components,
+    write_meta,
+)
 from medm.train.metrics import MetricsJsonl, plot_loss
+from medm.train.safety import (
+    CheckpointWriteError,
+    RunGuard,
+    last_checkpoint,
+    publish_checkpoint,
+    remove_incomplete_checkpoints,
+    staging_dir,
+)
 from medm.train.stages import (
     COMPONENTS_ONLY,
     CONNECTORS,
@@ -36,6 +56,8 @@ from medm.train.stages import (
 
 logger = logging.getLogger(__name__)
 
+SAMPLING_STRATEGIES = ("auto", "random", "sequential", "group_by_length", "group_by_modality_length")
+
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -49,15 +71,36 @@ class MedMTrainer(Trainer):
         checkpoint_format: `full`, `components` or `lora` (see medm.train.checkpoint).
         components: the module paths a `components` checkpoint saves (medm.train.stages.component_paths).
         base_dir: full checkpoint with the frozen weights of a `components` / `lora` run.
+        sampling: medm's `train_sampling_strategy` (auto, random, sequential, group_by_length,
+            group_by_modality_length; see `TrainArgs`).
+        group_window: steps per length-sorting window of the grouped samplers (medm.data.sampler).
+        train_sampler: a sampler that plans the epoch itself (a data mixture's `MixtureSampler`); it replaces
+            the sampling strategy.
+        guard: the run's `RunGuard` (medm.train.safety), told every training loss (non-finite loss stop).
+
+    Checkpoints are written atomically (`_save_checkpoint`), and training logs carry `bad_samples` when the dataset
+    counts samples whose media failed to load (medm.data.dataset, `data.max_bad_samples`).
     """
 
     def __init__(self, *args, connector_lr: float | None = None, checkpoint_format: str = FULL,
-                 components: list[str] | None = None, base_dir: str | None = None, **kwargs):
+                 components: list[str] | None = None, base_dir: str | None = None, sampling: str = "auto",
+                 group_window: int = 64, train_sampler: torch.utils.data.Sampler | None = None,
+                 guard: RunGuard | None = None, **kwargs):
+        self._staging: str | None = None
         super().__init__(*args, **kwargs)
+        self.guard = guard
         self.connector_lr = connector_lr
         self.checkpoint_format = checkpoint_format
         self.components = components or []
         self.base_dir = base_dir
+        if sampling not in SAMPLING_STRATEGIES:
+            raise ConfigError(f"train.train_sampling_strategy: {sampling!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
+        if train_sampler is not None and sampling not in ("auto", "random"):
+            raise ConfigError(f"train.train_sampling_strategy: {sampling!r}, but the data mixture plans each epoch "
+                              "itself (ratios, curriculum order); use auto")
+        self.sampling = sampling
+        self.group_window = group_window
+        self.train_sampler = train_sampler
 
     # ---- optimizer: connector parameters in their own groups -----------------------------------------------
     def create_optimizer(self, model=None):
@@ -85,14 +128,23 @@ class MedMTrainer(Trainer):
         return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
-        # Length grouping reads the dataset's precomputed `lengths`; the Trainer's fallback would load every item
-        # (and its images) once just to measure it.
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            from transformers.trainer_pt_utils import LengthGroupedSampler
+        if self.train_sampler is not None:
+            return self.train_sampler
+        strategy = self.sampling
+        if strategy == "auto":
+            strategy = "group_by_modality_length" if hasattr(dataset, "lengths") else "random"
+        if strategy in ("group_by_length", "group_by_modality_length"):
+            # Grouping reads the dataset's precomputed `lengths`; measuring items would load every image once.
+            if not hasattr(dataset, "lengths"):
+                raise ConfigError(f"train.train_sampling_strategy: {strategy} needs a dataset with `lengths`; "
+                                  f"{type(dataset).__name__} has none")
+            from medm.data.sampler import GroupedSampler
 
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=list(dataset.lengths))
+            modalities = getattr(dataset, "modalities", None) if strategy == "group_by_modality_length" else None
+            return GroupedSampler(dataset.lengths, self.args.train_batch_size, modalities=modalities,
+                                  world_size=max(1, self.args.world_size), window=self.group_window,
+                                  seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     # ---- saving and resuming in the stage's checkpoint format ---------------------------------------------
@@ -115,6 +167,55 @@ class MedMTrainer(Trainer):
             load_components(_unwrap_peft(model if model is not None else self.model), resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    # ---- crash safety (medm.train.safety) -------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is written, the Trainer's run directory is its staging directory (_save_checkpoint).
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint-N, written in `tmp-checkpoint-N/` and renamed into place once complete and
+        synced, so a kill or a full disk mid-save never leaves a checkpoint-N that looks valid and is not."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = staging_dir(run_dir, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException as e:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # a full disk needs its space back
+            if isinstance(e, OSError):
+                last = last_checkpoint(run_dir)
+                raise CheckpointWriteError(f"could not write {final}: {e}; nothing was saved under that name, the "
+                                           f"last complete checkpoint is {last or '(none)'}") from e
+            raise
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged = os.path.join(staging, name)
+            relocate_meta(staged, final)  # its relative `base` path, for the place it is moved to
+            publish_checkpoint(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None:
+            self.guard.observe_loss(loss, self.state.global_step + 1)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            bad = bad_sample_count(self.train_dataset)
+            if bad is not None:
+                logs["bad_samples"] = bad  # samples skipped because their media failed to load (data.max_bad_samples)
+        super().log(logs, start_time)
 
 
 class NoGradCheck(TrainerCallback):
@@ -173,6 +274,7 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
     Args:
         find_unused_parameters: DDP setting; True when a trained encoder may hold blocks past its selected layer.
     """
+    num_workers = default_num_workers(device) if train.dataloader_num_workers is None else train.dataloader_num_workers
     return TrainingArguments(
         output_dir=train.output_dir, num_train_epochs=train.num_train_epochs, max_steps=train.max_steps,
         per_device_train_batch_size=train.per_device_train_batch_size,
@@ -184,7 +286,11 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
         activation_checkpointing=train.gradient_checkpointing,
         logging_steps=train.logging_steps, logging_first_step=True, save_strategy=train.save_strategy,
         save_steps=train.save_steps, save_total_limit=train.save_total_limit, seed=train.seed,
-        dataloader_num_workers=train.dataloader_num_workers, train_sampling_strategy=train.train_sampling_strategy,
+        dataloader_num_workers=num_workers, dataloader_prefetch_factor=train.dataloader_prefetch_factor if
+        num_workers else None, dataloader_persistent_workers=train.dataloader_persistent_workers and num_workers > 0,
+        dataloader_pin_memory=train.dataloader_pin_memory and device == "cuda",
+        # medm's strategies are MedMTrainer._get_train_sampler's; the Trainer itself only sees sequential / random.
+        train_sampling_strategy="sequential" if train.train_sampling_strategy == "sequential" else "random",
         deepspeed=train.deepspeed, use_cpu=device == "cpu",
         # A launched CPU run (torchrun, deepspeed, or our single-process DeepSpeed env) talks over gloo.
         ddp_backend="gloo" if device == "cpu" and "LOCAL_RANK" in os.environ else None,
@@ -192,6 +298,20 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
         # The collator builds exactly the model's inputs; the Trainer must neither drop nor guess columns.
         remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=find_unused_parameters,
     )
+
+
+def default_num_workers(device: str) -> int:
+    """Data loading workers when `train.dataloader_num_workers` is null: none on the CPU (they would take cores
+    from the model), else up to 8, leaving one core per process for the training loop.
+
+    On a GPU a step of the default configs consumes far fewer samples per second than one worker decodes
+    (benchmarks/bench_data.py); several workers cover slow disks and large images.
+    """
+    if device != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process - 1))
 
 
 def _check_deepspeed(train: TrainArgs) -> None:
@@ -205,23 +325,75 @@ def _check_deepspeed(train: TrainArgs) -> None:
 
 
 def build_training_data(cfg: TrainConfig, model, tokenizer):
-    """(dataset, collator) from the `data:` section."""
+    """(dataset, collator) from the `data:` section (see `build_training_inputs` for the sampler too)."""
+    dataset, collator, _ = build_training_inputs(cfg, model, tokenizer)
+    return dataset, collator
+
+
+def _uses_mixture(data: DataArgs) -> bool:
+    return data.mixture is not None or (isinstance(data.path, list) and any(isinstance(p, dict) for p in data.path))
+
+
+def build_training_inputs(cfg: TrainConfig, model, tokenizer):
+    """(dataset, collator, sampler) from the `data:` section.
+
+    The sampler is a data mixture's `MixtureSampler` (when `data.mixture` is set or a `data.path` entry is a
+    mapping: medm.data.mixture), else None (the trainer's sampling strategy). With `data.packing`, the dataset is a
+    `PackedDataset` and the collator a `PackingCollator` (medm.data.packing).
+    """
+    import dataclasses
+
     from medm.data.collator import DataCollator
-    from medm.data.dataset import DataArgs, build_dataset
+    from medm.data.dataset import build_dataset
 
     if cfg.data is None:
         raise ConfigError("train config: the `data` section is required")
-    dataset = build_dataset(from_dict(DataArgs, cfg.data, "data"), model, tokenizer)
+    data = from_dict(DataArgs, cfg.data, "data")
+    sampler = None
+    if _uses_mixture(data):
+        from medm.data.mixture import MixtureArgs, build_mixture, parse_mixture
+
+        if data.packing:
+            raise ConfigError("data.packing: a data mixture plans its samples one by one (ratios, curriculum "
+                              "order), which packs would break; turn packing off or use one dataset")
+        entries = parse_mixture(data.path, image_dir=data.image_dir)
+        mixture = from_dict(MixtureArgs, data.mixture, "data.mixture")
+        dataset, sampler = build_mixture(
+            entries, lambda e: build_dataset(dataclasses.replace(data, path=e.path, image_dir=e.image_dir), model,
+                                             tokenizer), mixture)
+        first = dataset.datasets[0]
+    else:
+        dataset = first = build_dataset(data, model, tokenizer)
     # A dataset with inputs of its own (medm.qwenvl: image grids, M-RoPE token types) brings its collator.
-    return dataset, dataset.collator() if hasattr(dataset, "collator") else DataCollator(tokenizer)
+    collator = first.collator() if hasattr(first, "collator") else DataCollator(tokenizer)
+    if data.packing:
+        if hasattr(dataset, "collator"):
+            raise ConfigError("data.packing: only the medm model kind packs samples (this dataset brings its own "
+                              "inputs and collator)")
+        from medm.data.packing import PackedDataset, PackingCollator
+
+        attn = (getattr(model.config, "llm", None) or {}).get("attn_implementation", "sdpa")
+        dataset = PackedDataset(dataset, data.pack_length or data.max_length)
+        collator = PackingCollator(tokenizer, flash_kwargs=attn.startswith("flash_attention"))
+        logger.info("packing: %d samples in %d rows of up to %d tokens", dataset.num_samples, len(dataset),
+                    dataset.capacity)
+    return dataset, collator, sampler
 
 
 def run_training(cfg: TrainConfig, dataset=None, collator=None,
-                 callbacks: list[TrainerCallback] | None = None) -> MedMTrainer:
+                 callbacks: list[TrainerCallback] | None = None, sampler=None) -> MedMTrainer:
     """Train one stage; returns the finished trainer (its model holds the trained weights).
+
+    A stop signal (`train.stop_signals`) ends training early with a checkpoint of the last step and no final save
+    into output_dir; the returned trainer's `stop_signal` then names the signal (else None).
 
     Args:
         dataset, collator: use these instead of building them from `cfg.data` (tests, notebooks).
+        sampler: with `dataset`, a sampler that plans each epoch (e.g. a `MixtureSampler`).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN / Inf (with `train.stop_on_nonfinite_loss`); nothing of that step
+            was saved and the message names the last good checkpoint.
     """
     train = cfg.train
     device = resolve_device(train)
@@ -259,7 +431,7 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     logger.info("stage %s: %s", {k: v.kind + (f":{v.blocks}" if v.blocks else "") for k, v in modes.items()},
                 describe(train_model))
     if dataset is None:
-        dataset, collator = build_training_data(cfg, model, tokenizer)
+        dataset, collator, sampler = build_training_inputs(cfg, model, tokenizer)
     encoder_trains = any(modes[e].kind in ("full", "partial") for e in ENCODERS if e in modes)
     args = training_arguments(train, device, find_unused_parameters=True if encoder_trains else None)
     # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.interop.model_card).
@@ -270,19 +442,38 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         tb = TensorBoardCallback()
         tb.logging_dir = os.path.join(out, "tensorboard")
         cbs.append(tb)
+    # Last, so that its say on saving and stopping comes after every other callback's (medm.train.safety).
+    guard = RunGuard(train.stop_signals, train.stop_on_nonfinite_loss)
+    cbs.append(guard)
     paths = component_paths(model)
     trainer = MedMTrainer(model=train_model, args=args, train_dataset=dataset, data_collator=collator,
                           processing_class=tokenizer, callbacks=cbs, connector_lr=train.connector_lr,
-                          checkpoint_format=fmt, base_dir=base,
+                          checkpoint_format=fmt, base_dir=base, sampling=train.train_sampling_strategy,
+                          group_window=train.group_window, train_sampler=sampler, guard=guard,
                           components=[p for k, m in modes.items() if m.trains for p in paths[k]])
+    if rank0:
+        remove_incomplete_checkpoints(out)
+    guard.install()
     try:
         trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model(out)
+        if guard.nonfinite is not None:
+            raise guard.nonfinite_error(out)
+        # A signal during the last step changes nothing: the run is complete.
+        stopped = guard.signal_name if trainer.state.global_step < trainer.state.max_steps else None
+        trainer.stop_signal = stopped
+        if stopped is None:
+            trainer.save_model(out)
+        else:
+            # The checkpoint of the last step holds everything; a final model in output_dir would look finished.
+            logger.warning("stopped by %s at step %d of %d: saved %s; continue with train.resume_from_checkpoint="
+                           "true", stopped, trainer.state.global_step, trainer.state.max_steps, last_checkpoint(out))
         if trainer.is_world_process_zero():
-            trainer.save_state()
+            if stopped is None:
+                trainer.save_state()
             if train.plot_loss:
                 plot_loss(out)
     finally:
+        guard.restore()
         # A ZeRO-3 config stays registered globally and would partition the next model built in this process.
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -6,6 +6,7 @@ from medm.data.builders import (
     medtrinity,  # noqa: F401
     pathvqa,  # noqa: F401
     phantoms,  # noqa: F401
+    phantoms3d,  # noqa: F401
     slake,  # noqa: F401
     spine,  # noqa: F401
     vqa_rad,  # noqa: F401

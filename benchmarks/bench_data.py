@@ -1,0 +1,176 @@
+"""python benchmarks/bench_data.py [--quick] [--samples 64] [--image-size 224] [--volume-size 32 256 256]
+
+Samples per second through `ConversationDataset` (what one DataLoader worker delivers) against the samples per
+second one training step consumes:
+
+- 2D: the real VQA-RAD JPEGs (../shared/data/vqa_rad, 256 px to 2321x1384) decoded and preprocessed to
+  `--image-size` (CLIP-style resize + normalise), first pass and second pass (page cache warm). medm keeps no 2D
+  cache: decoding is the whole cost, and this figure says whether one would pay.
+- 3D: the real CT / MR NIfTI volumes (../shared/data/nifti) read, reoriented, intensity-scaled and resized to
+  `--volume-size` by `medm.data.volumes.VolumePreprocess`: cold (no cache) and cached (`volume.cache_dir`, the
+  preprocessed array read back).
+- the step: forward + backward + AdamW of a 2D model (`small` on the CPU, `base` on a GPU; see bench_step.py)
+  and of a 3D model (a ViT3D over `--volume-size` + the same LLM) at `--batch-size`, on random pixels.
+
+`workers_needed` = step samples/s / one worker's samples/s; the goal is that the default worker count
+(train.dataloader_num_workers: null -> 0 on the CPU, min(8, cores - 1) on a GPU) covers it. On the CPU, with no
+workers, `loader_share` is the share of each step spent loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import Bench, Skip, data_dir, model_config, timed, vqa_rad_records
+
+VOLUMES = ["example_ct.nii.gz", "example_ct_sm.nii.gz", "example_mr_sm.nii.gz", "aorta_ct_cropped.nii.gz",
+           "anatomical.nii"]
+
+
+def rate(ds, n: int) -> float:
+    t = time.perf_counter()
+    for i in range(n):
+        ds[i % len(ds)]
+    return n / (time.perf_counter() - t)
+
+
+def step_rate(model, batch: dict, batch_size: int, device: str, repeat: int) -> float:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def run():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return batch_size / timed(run, device, repeat=repeat)
+
+
+def batch_for(model, n_tokens: int, batch_size: int, key: str, shape: tuple, device: str) -> dict:
+    """A batch of `n_tokens`-long samples, each with one image (or volume) of `shape`."""
+    token = model.config.image_token_id if key == "pixel_values" else model.config.image3d_token_id
+    n_media = model.num_image_tokens if key == "pixel_values" else model.num_image3d_tokens
+    ids = torch.randint(3, 500, (batch_size, n_tokens))
+    ids[:, 4:4 + n_media] = token
+    labels = ids.clone()
+    labels[:, :4 + n_media] = -100
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            key: torch.randn(batch_size, *shape).to(device)}
+
+
+class DataBench(Bench):
+    name = "data"
+
+    def add_args(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--samples", type=int, default=64, help="samples read per measurement")
+        parser.add_argument("--image-size", type=int, default=224)
+        parser.add_argument("--volume-size", type=int, nargs=3, default=[32, 256, 256], help="D H W (M3D's size)")
+        parser.add_argument("--batch-size", type=int, default=8)
+
+    def run(self, args: argparse.Namespace) -> dict[str, Any]:
+        from medm.data.annotations import parse_record
+        from medm.data.dataset import ConversationDataset
+        from medm.data.volumes import VolumePreprocess
+        from medm.models import build_model
+        from medm.models.builder import add_media_tokens
+        from medm.models.tiny import tiny_tokenizer
+        from medm.models.vision._base import ImagePreprocess
+        from medm.train.trainer import default_num_workers
+
+        shared = data_dir(args.data_dir)
+        if shared is None:
+            raise Skip("../shared/data not found (set MEDM_DATA_DIR or --data-dir): the loader figures need the real "
+                       "VQA-RAD images and CT volumes")
+        n = 6 if args.quick else args.samples
+        image_size = 64 if args.quick else args.image_size
+        vol_size = (8, 32, 32) if args.quick else tuple(args.volume_size)
+        tok = tiny_tokenizer("chatml")
+        add_media_tokens(tok)
+        workers = default_num_workers(args.device)
+        out: dict[str, Any] = {"samples": n, "image_size": image_size, "volume_size": list(vol_size),
+                               "default_workers": workers}
+
+        # ---- 2D ------------------------------------------------------------------------------------------------
+        with tempfile.TemporaryDirectory() as tmp:
+            records, image_dir = vqa_rad_records(shared, Path(tmp) / "v")
+        seen, unique = set(), []
+        for r in records:  # distinct images, so the first pass really decodes each one once
+            if r.image[0] not in seen:
+                seen.add(r.image[0])
+                unique.append(r)
+        pre = ImagePreprocess((image_size, image_size), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        ds2 = ConversationDataset(unique[:n], tok, num_image_tokens=16, image_preprocess=pre, image_dir=image_dir)
+        out["2d_first_pass_per_s"] = round(rate(ds2, len(ds2)), 1)
+        out["2d_second_pass_per_s"] = round(rate(ds2, len(ds2)), 1)
+
+        # ---- 3D ------------------------------------------------------------------------------------------------
+        vol_records = [parse_record({"id": f"v{i}", "image3d": [VOLUMES[i % len(VOLUMES)]], "conversations": [
+            {"from": "human", "value": "<image3d>\nDescribe the scan."}, {"from": "gpt", "value": "A CT scan."}]},
+            f"v{i}", for_training=True) for i in range(len(VOLUMES))]
+        volume_args = {"orientation": "LPS", "intensity": "minmax"}
+
+        def ds3(cache_dir):
+            vp = VolumePreprocess({**volume_args, "cache_dir": cache_dir}, vol_size)
+            return ConversationDataset(vol_records, tok, num_image_tokens=0, num_image3d_tokens=8,
+                                       volume_preprocess=vp, image_dir=str(shared / "nifti"))
+
+        n3 = len(VOLUMES) if args.quick else max(len(VOLUMES), n // 4)
+        out["3d_cold_per_s"] = round(rate(ds3(None), n3), 2)
+        with tempfile.TemporaryDirectory() as cache:
+            cached = ds3(cache)
+            rate(cached, len(VOLUMES))  # fills the cache
+            out["3d_cached_per_s"] = round(rate(cached, n3), 1)
+
+        # ---- what a step consumes ------------------------------------------------------------------------------
+        size = "tiny" if args.quick else "base" if args.device == "cuda" else "small"
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        torch.manual_seed(0)
+        cfg = model_config(size)
+        cfg["vision"]["config"]["image_size"] = image_size
+        m2, _ = build_model(cfg)
+        m2.to(args.device, dtype)
+        m2.vision.requires_grad_(False)
+        shape2 = (cfg["vision"]["config"].get("num_channels", 3), image_size, image_size)
+        b2 = batch_for(m2, m2.num_image_tokens + 64, args.batch_size, "pixel_values", shape2, args.device)
+        b2["pixel_values"] = b2["pixel_values"].to(dtype)
+        repeat = 1 if args.quick else 3
+        out["2d_step_per_s"] = round(step_rate(m2, b2, args.batch_size, args.device, repeat), 1)
+        del m2, b2
+        cfg3 = {k: v for k, v in model_config(size).items() if k not in ("vision", "connector")}
+        patch = [max(1, vol_size[0] // 8), max(1, vol_size[1] // 16), max(1, vol_size[2] // 16)]
+        hidden = 768 if size == "base" else 64
+        cfg3["vision3d"] = {"name": "vit3d", "image_size": list(vol_size), "patch_size": patch,
+                            "hidden_size": hidden, "num_layers": 12 if size == "base" else 2,
+                            "num_heads": 12 if size == "base" else 2, "mlp_dim": 4 * hidden}
+        cfg3["connector3d"] = {"name": "spatial_pool", "stride": 2}
+        m3, _ = build_model(cfg3)
+        m3.to(args.device, dtype)
+        m3.vision3d.requires_grad_(False)
+        b3 = batch_for(m3, 64 + m3.num_image3d_tokens, args.batch_size, "pixel_values_3d", (1, *vol_size),
+                       args.device)
+        b3["pixel_values_3d"] = b3["pixel_values_3d"].to(dtype)
+        out["3d_step_per_s"] = round(step_rate(m3, b3, args.batch_size, args.device, repeat), 2)
+
+        for kind, loads in (("2d", ("2d_first_pass_per_s", "2d_second_pass_per_s")),
+                            ("3d", ("3d_cold_per_s", "3d_cached_per_s"))):
+            step = out[f"{kind}_step_per_s"]
+            for key in loads:
+                label = key.removesuffix("_per_s")
+                out[f"{label}_workers_needed"] = round(step / out[key], 2)
+                # No workers: loading and the step alternate in one process.
+                out[f"{label}_loader_share"] = round((1 / out[key]) / (1 / out[key] + 1 / step), 3)
+        cover = max(workers, 1)
+        out["goal_met_with_default_workers"] = all(out[k] <= cover for k in out if k.endswith("_workers_needed")
+                                                   and "cold" not in k and "first" not in k)
+        return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(DataBench().main())

@@ -1,0 +1,127 @@
+"""Length-grouped, modality-aware batching: batches of similar length, images, volumes and text-only samples apart.
+
+Padding is wasted compute: a batch is as long as its longest sample. `GroupedSampler` orders one epoch so that
+every batch holds samples of similar length (and, with `modalities`, of one modality, as LLaVA's
+`group_by_modality_length` does: a text-only sample never waits in a batch padded out to an image sample's length,
+and a batch never mixes the image and text-only code paths). How:
+
+1. The samples of each modality are shuffled (numpy, seeded by `[seed, epoch]`).
+2. Each modality's permutation is cut into windows of `window` global batches; inside a window samples are sorted
+   by length, longest first, and cut into *steps* of `batch_size * world_size` samples: the batches all ranks
+   run in one optimizer micro-step, so ranks wait on batches of about the same length. Lengths are compared in
+   buckets of `bucket` tokens (default 8) and samples of one bucket keep their random order, so lengths that
+   differ by a token or two (a "yes" and a "no" answer) do not sort batches by content; padding grows by less
+   than a bucket per sample.
+3. The steps of all modalities are shuffled together; the step holding the longest sample goes first, so an
+   out-of-memory shows in the first step rather than hours in.
+4. What is left of each modality (fewer samples than one step) is sorted by length and cut into steps at the end
+   of the epoch (those may mix modalities; the very last may be short).
+
+Every sample appears exactly once per epoch; the order is a function of `(seed, epoch)` only, so every process of
+a distributed run draws the same order. The sampler yields the *global* order: the DataLoader cuts it into
+batches of `batch_size` and Accelerate (the HF Trainer's data loader) deals whole batches to the ranks in turn
+(batch k to rank k mod world_size), which is why a step is `world_size` consecutive batches. `window` trades
+randomness for padding: 1 sorts only within a step (LLaVA), the default 64 leaves little padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["GroupedSampler", "grouped_order"]
+
+
+def grouped_order(lengths: Sequence[int], batch_size: int, *, modalities: Sequence[str] | None = None,
+                  world_size: int = 1, window: int = 64, bucket: int = 8, seed: int = 0, epoch: int = 0
+                  ) -> list[int]:
+    """One epoch's sample order, grouped by length (and modality); see the module docstring.
+
+    Args:
+        lengths: tokens per sample (`ConversationDataset.lengths`).
+        batch_size: samples per batch on one rank (the DataLoader's batch size).
+        modalities: per sample, e.g. `image`, `image3d`, `text` (`ConversationDataset.modalities`); None: one
+            group (length only).
+        world_size: data-parallel ranks; a step is `batch_size * world_size` consecutive samples.
+        window: steps per sorting window (>= 1).
+        bucket: length resolution of the sort in tokens (>= 1; 1 sorts exactly).
+        seed, epoch: the order is a function of both.
+
+    Returns:
+        A permutation of `range(len(lengths))`.
+    """
+    if min(batch_size, world_size, window, bucket) < 1:
+        raise ValueError(f"batch_size ({batch_size}), world_size ({world_size}), window ({window}) and bucket "
+                         f"({bucket}) must be >= 1")
+    n = len(lengths)
+    if modalities is not None and len(modalities) != n:
+        raise ValueError(f"{len(modalities)} modalities for {n} lengths")
+    lens = np.asarray(lengths, dtype=np.int64)
+    keys = lens // bucket
+    step = batch_size * world_size
+    rng = np.random.default_rng([seed, epoch])
+    if modalities is None:
+        groups = [np.arange(n, dtype=np.int64)]
+    else:
+        mods = np.asarray(modalities, dtype=object)
+        groups = [np.flatnonzero(mods == m) for m in sorted(set(modalities))]
+    steps: list[np.ndarray] = []
+    leftover: list[np.ndarray] = []
+    for idx in groups:
+        perm = idx[rng.permutation(len(idx))]
+        for start in range(0, len(perm), window * step):
+            win = perm[start:start + window * step]
+            # Stable sort, longest bucket first: samples of one bucket keep their random order.
+            win = win[np.argsort(-keys[win], kind="stable")]
+            full = len(win) // step * step
+            steps += [win[i:i + step] for i in range(0, full, step)]
+            if full < len(win):
+                leftover.append(win[full:])
+    order = [steps[i] for i in rng.permutation(len(steps))]
+    if order:
+        longest = max(range(len(order)), key=lambda i: int(lens[order[i]].max()))
+        order[0], order[longest] = order[longest], order[0]
+    if leftover:
+        rest = np.concatenate(leftover)
+        rest = rest[np.argsort(-keys[rest], kind="stable")]
+        order += [rest[i:i + step] for i in range(0, len(rest), step)]
+    return np.concatenate(order).tolist() if order else []
+
+
+class GroupedSampler(torch.utils.data.Sampler[int]):
+    """Sampler over a dataset with `lengths` (and optionally `modalities`) that yields `grouped_order`.
+
+    Call `set_epoch(n)` before each epoch (the HF Trainer and Accelerate do so for samplers that have it).
+
+    Args:
+        lengths: tokens per sample.
+        batch_size: per-rank batch size of the DataLoader.
+        modalities: per-sample modality, or None to group by length alone.
+        world_size: data-parallel ranks the DataLoader's batches are dealt to.
+        window: steps per sorting window.
+        bucket: length resolution of the sort in tokens.
+        seed: base seed; the epoch is mixed in.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, modalities: Sequence[str] | None = None,
+                 world_size: int = 1, window: int = 64, bucket: int = 8, seed: int = 0):
+        self.lengths = list(lengths)
+        self.modalities = None if modalities is None else list(modalities)
+        self.batch_size, self.world_size, self.window, self.bucket, self.seed = (batch_size, world_size, window,
+                                                                                 bucket, seed)
+        self.epoch = 0
+        # Check the settings now rather than at the first epoch.
+        grouped_order(self.lengths[:0], batch_size, world_size=world_size, window=window, bucket=bucket)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        return iter(grouped_order(self.lengths, self.batch_size, modalities=self.modalities,
+                                  world_size=self.world_size, window=self.window, bucket=self.bucket,
+                                  seed=self.seed, epoch=self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.lengths)

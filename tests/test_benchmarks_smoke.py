@@ -1,0 +1,101 @@
+"""Every benchmarks/bench_*.py runs with `--quick` and prints one JSON line of figures (those that need
+../shared/data say they skipped when it is absent). The figures themselves are not checked: they come from
+`make bench` on a quiet machine (docs/performance.md)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
+NEEDS_SHARED = {"bench_data", "bench_medmnist"}
+
+
+def _bench_class(module):
+    from _common import Bench
+
+    classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Bench) and v is not Bench]
+    assert len(classes) == 1, f"{module.__name__} should define one Bench subclass"
+    return classes[0]
+
+
+def test_every_script_starts_with_its_command():
+    assert {"bench_step", "bench_padding", "bench_data", "bench_generate", "bench_medmnist",
+            "bench_memory"} <= set(SCRIPTS)
+    for name in SCRIPTS:
+        doc = (BENCH_DIR / f"{name}.py").read_text().split('"""')[1]
+        assert doc.startswith(f"python benchmarks/{name}.py"), name
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_quick_run_prints_one_json_line(name, capsys, monkeypatch, shared_data_path):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    module = importlib.import_module(name)
+    argv = ["--quick", "--device", "cpu"] + (["--data-dir", str(shared_data_path)] if shared_data_path else [])
+    assert _bench_class(module)().main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"bench": ')]
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["bench"] == _bench_class(module).name and out["quick"] is True and "machine" in out
+    if "skipped" in out:
+        assert name in NEEDS_SHARED and shared_data_path is None, out["skipped"]
+        return
+    CHECKS.get(name, lambda out: None)(out)
+
+
+def _padding(out):
+    for key in ("vqa_rad", "mixed"):
+        assert 0 < out[key]["random"] <= out[key]["grouped"] <= 1 and 0 < out[key]["packed"] <= 1
+    assert out["mixed"]["random"] < 0.8  # long reports beside short answers: random batches waste a lot
+
+
+def _step(out):
+    res = out["mixed"]
+    assert res["medm_step_s"] > 0 and res["hf_llava_step_s"] > 0 and res["splice_step_s"] > 0
+    assert res["medm_grouped_tokens_per_s"] > 0 and res["medm_packed_tokens_per_s"] > 0
+
+
+def _memory(out):
+    row = out["settings"][0]
+    assert row["measured_bytes"] > 0 and row["estimated_bytes"] > 0
+
+
+def _generate(out):
+    assert out["batch8_cache_tokens_per_s"] > 0 and out["batch1_no_cache_tokens_per_s"] > 0
+
+
+def _medmnist(out):
+    assert 0 <= out["test"]["acc"] <= 1 and out["steps"] > 0
+
+
+def _data(out):
+    assert out["2d_first_pass_per_s"] > 0 and out["3d_cached_per_s"] > 0 and out["2d_step_per_s"] > 0
+
+
+CHECKS = {"bench_padding": _padding, "bench_step": _step, "bench_memory": _memory, "bench_generate": _generate,
+          "bench_medmnist": _medmnist, "bench_data": _data}
+
+
+@pytest.fixture
+def shared_data_path():
+    from conftest import SHARED_DATA
+
+    return SHARED_DATA if SHARED_DATA.is_dir() else None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_fresh_modules():
+    """Tiny models run fastest on one thread (and the machine may be shared); each script imports afresh."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for name in [*SCRIPTS, "_common"]:
+        sys.modules.pop(name, None)
