@@ -21,7 +21,9 @@ the accuracy at the best threshold are reported next to ACC.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -228,7 +230,9 @@ class MedMnistBench(Bench):
             train_ds = Augmented(train_ds)
         del calib_model
         t0 = time.perf_counter()
-        trainer = run_training(cfg, dataset=train_ds, collator=train_collate, sampler=sampler, callbacks=[stop])
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines; stdout is the one JSON line
+            trainer = run_training(cfg, dataset=train_ds, collator=train_collate, sampler=sampler,
+                                   callbacks=[stop])
         train_s = time.perf_counter() - t0
         model = trainer.model
         test = build_dataset(DataArgs(**{**data, "path": paths["test"]}), model, trainer.processing_class)
@@ -243,6 +247,4 @@ class MedMnistBench(Bench):
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(MedMnistBench().main())

@@ -66,13 +66,15 @@ def majority_by_kind(train_records, test_records) -> dict[str, float]:
 
 
 def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain_steps: int | None = None,
-             n_train: int = 4000, n_test: int = 200, seed: int = 0, kind: str = "medm") -> dict:
+             n_train: int = 4000, n_test: int = 200, seed: int = 0, kind: str = "medm", threads: int = 1) -> dict:
     """Build the data, train the stages of `kind` (see `DEMOS`), evaluate, and write `out/results.json`."""
     if kind not in DEMOS:
         raise ValueError(f"unknown demo kind {kind!r}; known: {', '.join(DEMOS)}")
     stages, default_out = DEMOS[kind]
     out = out or default_out
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # One thread by default: the tiny models gain little from more, and on a shared CPU extra threads stall at every
+    # op (a 3D demo step ran 20x slower with 2 threads than with 1 on 2 busy cores).
+    torch.set_num_threads(threads)
     data = os.path.join(out, "data")
     build, kinds = DEMO_DATA.get(kind, (build_phantoms, KINDS))
     paths = build(data, n_train=n_train, n_test=n_test, seed=seed)
@@ -129,7 +131,7 @@ def print_table(results: dict, out: str) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_demo(args.out, finetune_steps=args.finetune_steps, pretrain_steps=args.pretrain_steps,
-             n_train=args.n_train, n_test=args.n_test, seed=args.seed, kind=args.kind)
+             n_train=args.n_train, n_test=args.n_test, seed=args.seed, kind=args.kind, threads=args.threads)
     return 0
 
 
@@ -148,4 +150,5 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--n-train", type=int, default=4000, help="training images (about 3 questions each)")
     p.add_argument("--n-test", type=int, default=200, help="held-out images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (more help only on idle cores)")
     p.set_defaults(func=_cmd_demo)

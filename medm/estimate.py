@@ -25,7 +25,8 @@ Four parts, in bytes per GPU:
   layer is recomputed at a time. The logits and the cross-entropy's fp32 buffers (vocab per token) often dominate
   small models with large vocabularies. A trained vision encoder adds its layers over the image tokens. The
   coefficients were measured on transformers 5 Qwen2 / Llama layers (benchmarks/bench_memory.py compares the
-  whole estimate with measured CPU peaks).
+  whole estimate with measured CPU peaks). For the qwen-vl kind the image tokens count as LLM tokens; its vision
+  tower's own activations are not modelled.
 
 Not counted: the CUDA context and kernels' workspace (`--reserve`, default 1 GiB), allocator fragmentation,
 DeepSpeed's communication buckets.

@@ -47,11 +47,9 @@ def test_parameter_gradient_and_optimizer_parts_equal_the_built_model(stage):
     model = apply_plan(base, cfg.stage, torch.float32)
     # Per component, the meta-device count is the real model's.
     assert est.params == count_parameters(model)
-    real = {}
-    for p in model.parameters():
-        real.setdefault("total", 0)
-        real["total"] += p.numel()
-    assert sum(r["total"] for r in est.params.values()) == real["total"]
+    assert sum(r["total"] for r in est.params.values()) == sum(p.numel() for p in model.parameters())
+    assert sum(r["trainable"] for r in est.params.values()) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
     assert est.weights == sum(p.numel() * p.element_size() for p in model.parameters())
     # One real step: the gradients and AdamW's states take exactly the estimated bytes.
     trainable = [p for p in model.parameters() if p.requires_grad]
