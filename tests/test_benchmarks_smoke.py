@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,9 +84,9 @@ CHECKS = {"bench_padding": _padding, "bench_step": _step, "bench_memory": _memor
 
 @pytest.fixture
 def shared_data_path():
-    from conftest import SHARED_DATA
-
-    return SHARED_DATA if SHARED_DATA.is_dir() else None
+    # Same rule as tests/conftest.py; importing `conftest` by name picks whichever conftest loaded first.
+    path = Path(os.environ.get("MEDM_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    return path if path.is_dir() else None
 
 
 @pytest.fixture(autouse=True)
