@@ -185,8 +185,8 @@ def save_model(model: MedMForConditionalGeneration, tokenizer: PreTrainedTokeniz
     tokenizer.save_pretrained(out_dir)
 
 
-def load_model(path: str, dtype: str | None = None,
-               device: str | torch.device | None = None) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
+def load_model(path: str, dtype: str | None = None, device: str | torch.device | None = None
+               ) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
     """Reopen a checkpoint written by `save_model` (no hub access; safetensors only); either kind."""
     if checkpoint_kind(path) == "qwen-vl":
         from medm.qwenvl.model import load_qwenvl

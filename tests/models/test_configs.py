@@ -30,7 +30,8 @@ def test_registry_rejects_double_registration():
         reg.register("a")(float)
 
 
-@pytest.mark.parametrize("section,key", [("", "visoin"), ("llm.", "pth"), ("connector.", "depth"), ("vision.", "layers")])
+@pytest.mark.parametrize("section,key",
+                         [("", "visoin"), ("llm.", "pth"), ("connector.", "depth"), ("vision.", "layers")])
 def test_unknown_config_key_is_named(section, key):
     cfg = tiny_model_config()
     node = cfg
