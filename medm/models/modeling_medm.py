@@ -91,6 +91,21 @@ class MedMForConditionalGeneration(MedMPreTrainedModel, GenerationMixin):
             self.vision3d, self.connector3d = build_tower(config.vision3d, config.connector3d, hidden)
         self.post_init()
 
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, except that batch norms whose weights are frozen stay in eval mode.
+
+        A frozen CNN encoder (timm ResNet, ConvNeXt-with-BN, ...) would otherwise normalise with batch statistics
+        and overwrite its running statistics at every training step: frozen weights, drifting features.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                params = list(module.parameters(recurse=False))
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(
+                        p.requires_grad for p in params):
+                    module.eval()
+        return self
+
     # ---- token geometry -------------------------------------------------------------------------------------
     @property
     def num_image_tokens(self) -> int:

@@ -117,3 +117,24 @@ def test_plans_that_do_not_fit_the_model():
 def test_qlora_needs_cuda():
     with pytest.raises(RuntimeError, match="qlora .* needs a CUDA GPU"):
         apply_plan(_model(), StagePlan(llm="qlora"))
+
+
+@pytest.mark.parametrize("vision_mode", ["frozen", "full"])
+def test_frozen_batch_norm_keeps_its_running_statistics(vision_mode):
+    """A frozen CNN encoder's batch norms stay in eval mode under `model.train()`; a trained one's do not."""
+    cfg = tiny_model_config()
+    cfg["vision"] = {"name": "timm", "model_name": "test_resnet", "image_size": 64}
+    torch.manual_seed(0)
+    model = build_model(cfg)[0]
+    apply_plan(model, StagePlan(vision=vision_mode))
+    model.train()
+    norms = [m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    before = [m.running_mean.clone() for m in norms]
+    model.get_image_features(torch.randn(4, 3, 64, 64) * 3 + 1)
+    moved = [not torch.equal(b, m.running_mean) for b, m in zip(before, norms)]
+    assert all(m.training == (vision_mode == "full") for m in norms)
+    assert any(moved) if vision_mode == "full" else not any(moved)  # stages past select_layer never run
+    assert model.llm.training and model.connector.training
+    model.eval()
+    assert not any(m.training for m in model.modules())
