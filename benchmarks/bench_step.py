@@ -9,11 +9,12 @@ One training step (forward + backward + AdamW; vision encoder frozen, connector 
   loop that cuts the embeddings at each placeholder and splices the image features in (LLaVA's
   `prepare_inputs_labels_for_multimodal`), then pads.
 
-Figures: median step seconds on the same random batches and the ratios medm / hf_llava (goal <= 1.05) and
-medm / splice; then real (non-pad) training tokens per second over one epoch's batches (`--batches` spread
-evenly through it) for HF LLaVA fed random batches vs medm fed length-grouped batches and packed rows (goal: >=
-1.5x). Records: VQA-RAD train (short answers) and a mixed set (the same plus long reports), lengths from the
-tiny chat tokenizer; images are random tensors of the encoder's size (loading is bench_data.py's figure). Sizes:
+Figures: median step seconds on the same random batches, timed interleaved (the order rotating per batch), and
+the ratios medm / hf_llava (goal <= 1.05) and medm / splice; then real (non-pad) training tokens per second over
+one epoch's batches (`--batches` spread evenly through it) for HF LLaVA fed random batches vs medm fed
+length-grouped batches and packed rows (goal: >= 1.5x). Records: VQA-RAD train (short answers) and a mixed set
+(the same plus long reports), lengths from the tiny chat tokenizer; images are random tensors of the encoder's size
+(loading is bench_data.py's figure). Sizes:
 `small` (CPU default), `base` (GPU default: CLIP ViT-B/16 224 px + a 0.5B-class Qwen2), `tiny` (--quick).
 """
 
@@ -203,33 +204,45 @@ class StepBench(Bench):
             if not pack_batches:  # fewer packs than one batch (quick runs)
                 pack_batches = [p_order]
 
+            def one_batch(name, m, idx, kind="plain", warmup=0):
+                """Seconds of one step on batch `idx`, and its real (non-pad) tokens."""
+                if kind == "packed":
+                    its = [packed.packs[j] for j in idx]
+                    flat = [k for p in its for k in p]
+                    by = {k: it for k, it in zip(flat, items(ds, flat, image_shape, gen))}
+                    from medm.data.packing import pack_items
+
+                    batch = prep(pack_collate([pack_items([by[k] for k in p]) for p in its]))
+                    real = sum(lengths[k] for k in flat)
+                else:
+                    its = items(ds, idx, image_shape, gen)
+                    real = sum(it["length"] for it in its)
+                    batch = splice_batch(its) if name == "splice" else prep(collate(
+                        [{k: it[k] for k in ("input_ids", "labels", "pixel_values")} for it in its]))
+                return timed(step(name, m, batch), args.device, repeat=1, warmup=warmup), real
+
             def timings(name, m, batches, kind="plain"):
                 secs, real = [], 0
-                for idx in batches:
-                    if kind == "packed":
-                        its = [packed.packs[j] for j in idx]
-                        flat = [k for p in its for k in p]
-                        by = {k: it for k, it in zip(flat, items(ds, flat, image_shape, gen))}
-                        from medm.data.packing import pack_items
-
-                        batch = prep(pack_collate([pack_items([by[k] for k in p]) for p in its]))
-                        real += sum(lengths[k] for k in flat)
-                    else:
-                        its = items(ds, idx, image_shape, gen)
-                        real += sum(it["length"] for it in its)
-                        batch = splice_batch(its) if name == "splice" else prep(collate(
-                            [{k: it[k] for k in ("input_ids", "labels", "pixel_values")} for it in its]))
-                    secs.append(timed(step(name, m, batch), args.device, repeat=1, warmup=1 if not secs else 0))
+                for i, idx in enumerate(batches):
+                    sec, n = one_batch(name, m, idx, kind, warmup=int(i == 0))
+                    secs.append(sec)
+                    real += n
                 return secs, real
 
             res: dict[str, Any] = {"samples": len(ds)}
-            same = {}
-            for name, m in (("medm", model), ("hf_llava", llava), ("splice", model)):
-                secs, real = timings(name, m, random_batches)
-                same[name] = secs
+            # Interleaved, order rotating per batch: a model timed first, or while the machine warms up or other
+            # work comes and goes, must not lose or win by its place in the run.
+            contenders = [("medm", model), ("hf_llava", llava), ("splice", model)]
+            same: dict[str, list[float]] = {name: [] for name, _ in contenders}
+            llava_real = 0
+            for i, idx in enumerate(random_batches):
+                for name, m in contenders[i % 3:] + contenders[:i % 3]:
+                    sec, n = one_batch(name, m, idx, warmup=int(i == 0))
+                    same[name].append(sec)
+                    llava_real += n if name == "hf_llava" else 0
+            for name, secs in same.items():
                 res[f"{name}_step_s"] = round(float(np.median(secs)), 4)
-                if name == "hf_llava":
-                    res["hf_llava_random_tokens_per_s"] = round(real / sum(secs), 1)
+            res["hf_llava_random_tokens_per_s"] = round(llava_real / sum(same["hf_llava"]), 1)
             res["medm_over_hf_llava"] = round(float(np.median(np.array(same["medm"]) / np.array(same["hf_llava"]))),
                                               3)
             res["medm_over_splice"] = round(float(np.median(np.array(same["medm"]) / np.array(same["splice"]))), 3)
