@@ -61,6 +61,8 @@ class TrainArgs:
     weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)")
     warmup_steps: float = arg(0.03, "linear warmup: steps (>= 1) or a fraction of all steps (< 1)")
     lr_scheduler_type: str = arg("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    lr_scheduler_kwargs: dict | None = arg(None, "the scheduler's own settings, e.g. {num_decay_steps: 300} for "
+                                                 "warmup_stable_decay or {min_lr_rate: 0.1} for cosine_with_min_lr")
     optim: str = arg("adamw_torch", "transformers optimizer name")
     adam_beta1: float = arg(0.9, "AdamW beta1")
     adam_beta2: float = arg(0.999, "AdamW beta2")

@@ -280,6 +280,7 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
         per_device_train_batch_size=train.per_device_train_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
         weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, lr_scheduler_type=train.lr_scheduler_type,
+        lr_scheduler_kwargs=train.lr_scheduler_kwargs or {},
         optim=train.optim, adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2,
         max_grad_norm=train.max_grad_norm, bf16=train.bf16, fp16=train.fp16,
         # transformers 5 checkpoints non-reentrantly, so gradients reach a connector through frozen LLM layers.

@@ -84,3 +84,26 @@ def test_deepspeed_configs_leave_sizes_to_the_trainer():
         assert ds["zero_optimization"]["stage"] in (2, 3)
         if ds["zero_optimization"]["stage"] == 3:
             assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_scheduler_settings_reach_the_trainer(tmp_path):
+    """`train.lr_scheduler_kwargs` shapes the schedule: warmup_stable_decay holds the peak until its decay steps."""
+    from transformers.optimization import get_scheduler
+
+    from medm.train.trainer import training_arguments
+
+    train = TrainArgs(output_dir=str(tmp_path), max_steps=100, learning_rate=1e-3, warmup_steps=10,
+                      lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs={"num_decay_steps": 20})
+    args = training_arguments(train, "cpu")
+    assert args.lr_scheduler_kwargs == {"num_decay_steps": 20}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=10, num_training_steps=100,
+                          scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[10] == lrs[79] == pytest.approx(1e-3)  # stable from the end of warmup to the decay
+    assert lrs[99] < 1e-4
+    assert training_arguments(TrainArgs(output_dir=str(tmp_path)), "cpu").lr_scheduler_kwargs == {}
