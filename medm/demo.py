@@ -2,10 +2,10 @@
 
 Run: medm demo [--kind medm|qwen-vl|3d] [--3d] [--out runs/demo] [--finetune-steps N]
 
-`--kind medm` (default) pretrains the connector, then finetunes the tiny medm model (configs/demo/pretrain.yaml,
-finetune.yaml); `--kind qwen-vl` fully finetunes the tiny Qwen2.5-VL in one stage (configs/demo/finetune_qwenvl.yaml);
-`--3d` (`--kind 3d`) does the medm stages with a 3D tower on phantom volumes (configs/demo/pretrain3d.yaml,
-finetune3d.yaml; data from `medm.data.builders.phantoms3d`).
+`--kind medm` (default) pretrains the vision tower and connector on captions, then finetunes the tiny medm model
+(configs/demo/pretrain.yaml, finetune.yaml); `--kind qwen-vl` fully finetunes the tiny Qwen2.5-VL in one stage
+(configs/demo/finetune_qwenvl.yaml); `--3d` (`--kind 3d`) does the medm stages with a 3D tower on phantom volumes
+(configs/demo/pretrain3d.yaml, finetune3d.yaml; data from `medm.data.builders.phantoms3d`).
 """
 
 from __future__ import annotations
