@@ -9,12 +9,14 @@ known bad sample without reading it again. Past the limit, loading raises `TooMa
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import multiprocessing
 from collections import deque
 from multiprocessing import context as mp_context
+from typing import Any
 
-__all__ = ["BadSamples", "TooManyBadSamples", "bad_sample_count", "resolve_limit"]
+__all__ = ["BadSamples", "SkipsBadSamples", "TooManyBadSamples", "bad_sample_count", "resolve_limit"]
 
 
 class TooManyBadSamples(RuntimeError):
@@ -116,3 +118,66 @@ def bad_sample_count(dataset) -> int | None:
         inner.append(dataset.dataset)
     counts = [c for c in map(bad_sample_count, inner) if c is not None]
     return sum(counts) if counts else None
+
+
+class SkipsBadSamples:
+    """`__getitem__` for a dataset whose media may fail to load: a bad sample is logged once, counted in
+    `self.bad_samples` and replaced by the next good sample.
+
+    The dataset provides `samples` (each with `.record.id` and `.length`), `bad_samples` (a `BadSamples`),
+    `_item(i)` (sample `i`'s item, raising one of `load_errors` when its media fail) and `_modality_key(i)`.
+    """
+
+    load_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    def _item(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _modality_key(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample `i`; when its media fail to load, the next good sample after it (the same modality and no longer,
+        when there is one), so that one bad file costs one sample, not the run.
+
+        Raises:
+            TooManyBadSamples: more distinct bad samples than `max_bad_samples` (names the last files).
+        """
+        j = i
+        while True:
+            if not self.bad_samples.is_bad(j):
+                try:
+                    return self._item(j)
+                except self.load_errors as e:
+                    self.mark_bad(j, e)
+            j = self._substitute(i)
+
+    def mark_bad(self, j: int, error: Exception) -> None:
+        """Count sample `j` as bad (logged the first time).
+
+        Raises:
+            TooManyBadSamples: the count is now above the limit.
+        """
+        rid = self.samples[j].record.id
+        if self.bad_samples.add(j, rid, error):
+            # Logged under the dataset's own module, where a user filtering logs looks for it.
+            logging.getLogger(type(self).__module__).warning("skipping sample %r: %s (%d bad sample(s) so far)",
+                                                             rid, error, self.bad_samples.count)
+
+    def _substitute(self, i: int) -> int:
+        """The first sample after `i` (cyclically) not known to be bad: of `i`'s modality and length or shorter
+        (so length-grouped batches and packs keep their sizes) when there is one, else any."""
+        n, want = len(self.samples), self.samples[i]
+        kind = self._modality_key(i)
+        fallback = None
+        for k in range(1, n):
+            j = (i + k) % n
+            if self.bad_samples.is_bad(j):
+                continue
+            if self._modality_key(j) == kind and self.samples[j].length <= want.length:
+                return j
+            fallback = j if fallback is None else fallback
+        if fallback is None:
+            raise RuntimeError(f"every one of the {n} samples failed to load (e.g. record {want.record.id!r}); check "
+                               "data.image_dir and the files with `medm data validate`")
+        return fallback

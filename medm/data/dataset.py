@@ -17,17 +17,13 @@ import torch
 from PIL import Image
 
 from medm.config import arg
-from medm.data._bad_samples import BadSamples
+from medm.data._bad_samples import BadSamples, SkipsBadSamples
 from medm.data.annotations import Record, load_records, resolve_path
 from medm.data.images import ImageLoadError
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
 from medm.data.volumes import VolumeLoadError
 
 logger = logging.getLogger(__name__)
-
-# What a sample's media may raise while loading: skipped and counted (`max_bad_samples`), not fatal. OSError covers
-# what the loaders do not wrap (a permission denied, an I/O error on a network disk).
-_LOAD_ERRORS = (ImageLoadError, VolumeLoadError, OSError)
 
 
 @dataclass
@@ -64,7 +60,7 @@ class _Sample:
     n_volumes: int
 
 
-class ConversationDataset(torch.utils.data.Dataset):
+class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
     """Conversation records as model inputs.
 
     Args:
@@ -87,6 +83,10 @@ class ConversationDataset(torch.utils.data.Dataset):
     Items are dicts: `input_ids` (T,) long, `labels` (T,) long (-100 where not supervised), `pixel_values`
     (n_images, C, H, W) float or None, `pixel_values_3d` (n_volumes, C, D, H, W) float or None, `length` T.
     """
+
+    # What a sample's media may raise while loading: skipped and counted (`max_bad_samples`), not fatal. OSError
+    # covers what the loaders do not wrap (a permission denied, an I/O error on a network disk).
+    load_errors = (ImageLoadError, VolumeLoadError, OSError)
 
     def __init__(self, records: Sequence[Record], tokenizer, *, num_image_tokens: int, num_image3d_tokens: int = 0,
                  image_preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
@@ -161,42 +161,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int | None]:
-        """Sample `i`; when its media fail to load, the next good sample after it (the same modality and no longer,
-        when there is one), so that one bad file costs one sample, not the run.
-
-        Raises:
-            TooManyBadSamples: more distinct bad samples than `max_bad_samples` (names the last files).
-        """
-        j = i
-        while True:
-            if not self.bad_samples.is_bad(j):
-                try:
-                    return self._item(j)
-                except _LOAD_ERRORS as e:
-                    if self.bad_samples.add(j, self.samples[j].record.id, e):
-                        logger.warning("skipping sample %r: %s (%d bad sample(s) so far)", self.samples[j].record.id,
-                                       e, self.bad_samples.count)
-            j = self._substitute(i)
-
-    def _substitute(self, i: int) -> int:
-        """The first sample after `i` (cyclically) not known to be bad: of `i`'s modality and length or shorter
-        (so length-grouped batches and packs keep their sizes) when there is one, else any."""
-        n, want = len(self.samples), self.samples[i]
-        kind = (want.n_images > 0, want.n_volumes > 0)
-        fallback = None
-        for k in range(1, n):
-            j = (i + k) % n
-            if self.bad_samples.is_bad(j):
-                continue
-            s = self.samples[j]
-            if (s.n_images > 0, s.n_volumes > 0) == kind and s.length <= want.length:
-                return j
-            fallback = j if fallback is None else fallback
-        if fallback is None:
-            raise RuntimeError(f"every one of the {n} samples failed to load (e.g. record {want.record.id!r}); check "
-                               "data.image_dir and the files with `medm data validate`")
-        return fallback
+    def _modality_key(self, i: int) -> tuple[bool, bool]:
+        s = self.samples[i]
+        return s.n_images > 0, s.n_volumes > 0
 
     def _item(self, i: int) -> dict[str, torch.Tensor | int | None]:
         s = self.samples[i]

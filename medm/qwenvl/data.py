@@ -8,6 +8,10 @@ processor's min / max pixels). Images with a side below one merged patch (28 px 
 LLaMA-Factory does. Sizes come from the image headers when the dataset is built, so lengths are exact before any
 pixel is decoded; `__getitem__` checks the processor's `image_grid_thw` against them.
 
+A record whose image cannot be read (missing, corrupt, an aspect ratio the processor refuses) is a bad sample, as in
+the medm kind (`data.max_bad_samples`): logged, counted and replaced by the next good sample, whether it is found
+when the dataset is built or when the sample is loaded.
+
 Labels are the assistant turns and their `<|im_end|>`, with the same exactness checks as the medm kind
 (`medm.data.templates.ChatFormat`: a `TemplateError` naming the record on any mismatch). Canonical boxes in the
 turns are rewritten into the model's `box_format` (`medm.qwenvl.boxes`), relative to the record's first image.
@@ -25,8 +29,10 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from medm.data._bad_samples import BadSamples, SkipsBadSamples
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record, load_records, resolve_path
 from medm.data.collator import DataCollator
+from medm.data.images import ImageLoadError, is_dicom, load_image
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError
 from medm.qwenvl import boxes
 
@@ -70,8 +76,6 @@ class ImageGeometry:
 def image_size(path: str) -> Size:
     """(width, height) of an image file as `medm.data.images.load_image` returns it, from the header where it can
     (EXIF orientation applied); DICOM files are decoded."""
-    from medm.data.images import is_dicom, load_image
-
     if is_dicom(path):
         return load_image(path).size
     try:
@@ -256,7 +260,7 @@ class _Sample:
     n_images: int  # images left after truncation
 
 
-class QwenVLDataset(torch.utils.data.Dataset):
+class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
     """Conversation records as Qwen-VL inputs (see the module doc).
 
     Args:
@@ -266,13 +270,15 @@ class QwenVLDataset(torch.utils.data.Dataset):
         image_dir: base directory of relative image paths.
         system_prompt: system prompt for records without one; None: the template's default.
         max_length: most ids per sample, image ids included.
+        max_bad_samples: distinct samples whose images may fail to load (here or in `__getitem__`) before it raises
+            `TooManyBadSamples` (a count, a fraction of the samples when < 1, None: no limit).
 
     Items: `input_ids` (T,), `labels` (T,), `pixel_values` (patches, D) or None, `image_grid_thw` (n, 3) or None,
     `length` T.
     """
 
     def __init__(self, records: Sequence[Record], processor, *, box_format: str, image_dir: str | None = None,
-                 system_prompt: str | None = None, max_length: int = 2048):
+                 system_prompt: str | None = None, max_length: int = 2048, max_bad_samples: float | None = 100):
         records = list(records)
         self.inputs = QwenVLInputs(processor, box_format, system_prompt)
         self.processor = processor
@@ -285,8 +291,15 @@ class QwenVLDataset(torch.utils.data.Dataset):
         self.num_dropped = 0
         sizes: dict[str, Size] = {}
         errors: list[TemplateError] = []
+        unreadable: list[tuple[int, ImageLoadError]] = []
         for rec in records:
-            geometries = [self.inputs.geometry(self._size(rec, p, sizes)) for p in rec.image]
+            try:
+                geometries = [self.inputs.geometry(self._size(p, sizes)) for p in rec.image]
+            except ImageLoadError as e:
+                # Kept as a sample known to be bad, so it is counted and replaced like one found while training.
+                unreadable.append((len(self.samples), e))
+                self.samples.append(_Sample(rec, [], array("l"), array("l"), 0, len(rec.image)))
+                continue
             try:
                 ids, labels = self.inputs.encode(rec, geometries)
             except TemplateError as e:
@@ -305,18 +318,31 @@ class QwenVLDataset(torch.utils.data.Dataset):
         if self.num_dropped:
             logger.warning("dropped %d of %d record(s) left with no supervised token (no assistant answer within "
                            "max_length=%d)", self.num_dropped, len(records), max_length)
+        # A bad sample's length is unknown; the longest lets any good sample of its modality stand in for it.
+        longest = max((s.length for s in self.samples), default=0)
+        for j, _ in unreadable:
+            self.samples[j].length = longest
+        self.bad_samples = BadSamples(len(self.samples), max_bad_samples)
+        for j, e in unreadable:
+            self.mark_bad(j, e)
 
-    def _size(self, rec: Record, path: str, cache: dict[str, Size]) -> Size:
+    def _size(self, path: str, cache: dict[str, Size]) -> Size:
+        """(width, height) of an image from its header.
+
+        Raises:
+            ImageLoadError: unreadable, or an aspect ratio above 200 (the processors refuse it).
+        """
         full = resolve_path(path, self.image_dir)
         if full not in cache:
             try:
-                cache[full] = image_size(full)
+                w, h = image_size(full)
+            except ImageLoadError:
+                raise
             except (OSError, ValueError) as e:
-                raise ValueError(f"record {rec.id!r}: cannot read the size of image {full}: {e}") from None
-            w, h = cache[full]
+                raise ImageLoadError(full, str(e)) from None
             if max(w, h) / max(min(w, h), 1) > 200:
-                raise ValueError(f"record {rec.id!r}: image {full} is {w}x{h}; Qwen-VL processors refuse aspect "
-                                 "ratios above 200")
+                raise ImageLoadError(full, f"{w}x{h} pixels: Qwen-VL processors refuse aspect ratios above 200")
+            cache[full] = (w, h)
         return cache[full]
 
     @property
@@ -338,9 +364,12 @@ class QwenVLDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from medm.data.images import load_image
+    load_errors = (ImageLoadError, OSError)
 
+    def _modality_key(self, i: int) -> bool:
+        return self.samples[i].n_images > 0
+
+    def _item(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
         ids, labels, _ = self.inputs.expand(s.ids, s.labels, s.geometries, self.max_length)
         item: dict[str, Any] = {"input_ids": torch.tensor(ids, dtype=torch.long),
@@ -364,5 +393,6 @@ def build_qwenvl_dataset(data_args, model, processor) -> QwenVLDataset:
     system_prompt = data_args.system_prompt if data_args.system_prompt is not None else settings.get("system_prompt")
     return QwenVLDataset(load_records(data_args.path, for_training=True), processor,
                          box_format=settings["box_format"], image_dir=data_args.image_dir,
-                         system_prompt=system_prompt, max_length=data_args.max_length)
+                         system_prompt=system_prompt, max_length=data_args.max_length,
+                         max_bad_samples=data_args.max_bad_samples)
 

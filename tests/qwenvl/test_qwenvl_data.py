@@ -1,6 +1,7 @@
 """Records -> Qwen-VL inputs: exact assistant-only labels, vision spans sized by the image, boxes, collation."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 from qwenvl_helpers import build_tiny
 
+from medm.data._bad_samples import TooManyBadSamples, bad_sample_count
 from medm.data.annotations import load_records, parse_record
 from medm.data.templates import IGNORE_INDEX, TemplateError
 from medm.qwenvl.data import QwenVLDataset, QwenVLInputs, expand_images
@@ -176,6 +178,40 @@ def test_template_mismatch_and_bad_records_name_the_record(tmp_path):
         {"from": "human", "value": "<image3d>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "vol")
     with pytest.raises(ValueError, match="record 'vol' has 3D volumes"):
         QwenVLDataset([vol], processor, box_format="json_resized")
-    with pytest.raises(ValueError, match=r"record 'gone': cannot read the size of image .*missing.png"):
+    # With no bad sample allowed, an unreadable image stops the build, naming the record and the file.
+    with pytest.raises(TooManyBadSamples, match=r"record 'gone': cannot load image .*missing.png"):
         QwenVLDataset([_record("gone", "missing.png", [("<image>\nQ?", "a")])], processor,
-                      box_format="json_resized", image_dir=str(tmp_path))
+                      box_format="json_resized", image_dir=str(tmp_path), max_bad_samples=0)
+    thin = _image(tmp_path / "thin.png", (1, 250))
+    with pytest.raises(TooManyBadSamples, match=r"record 'thin': .*thin.png.*1x250 pixels: .*aspect ratios above 200"):
+        QwenVLDataset([_record("thin", thin, [("<image>\nQ?", "a")])], processor,
+                      box_format="json_resized", image_dir=str(tmp_path), max_bad_samples=0)
+
+
+def test_unreadable_images_are_bad_samples_counted_and_replaced(qwen25, tmp_path, caplog):
+    _, processor = qwen25
+    q = [("<image>\nIs there a lesion?", "no")]
+    recs = [_record("gone", "missing.png", q), _record("ok", _image(tmp_path / "ok.png", (64, 64)), q),
+            _record("spoilt", _image(tmp_path / "spoilt.png", (64, 64), level=30), q),
+            _record("ok2", _image(tmp_path / "ok2.png", (64, 64), level=200), q),
+            _record("text", None, [("Hello?", "hi")])]
+    with caplog.at_level(logging.WARNING, logger="medm.qwenvl.data"):
+        ds = QwenVLDataset(recs, processor, box_format="json_resized", image_dir=str(tmp_path))
+    # Found while building: kept as a known bad sample, logged with the record and the file, counted.
+    assert "skipping sample 'gone': cannot load image" in caplog.text and "missing.png" in caplog.text
+    assert len(ds) == 5 and ds.bad_samples.count == 1 and bad_sample_count(ds) == 1
+    assert ds.modalities == ["image", "image", "image", "image", "text"]
+    first, ok = ds[0], ds[1]  # the next good sample with an image stands in
+    assert torch.equal(first["input_ids"], ok["input_ids"]) and torch.equal(first["pixel_values"], ok["pixel_values"])
+    # Found while training: the file went bad after the dataset was built (the header stays readable).
+    spoilt = tmp_path / "spoilt.png"
+    spoilt.write_bytes(spoilt.read_bytes()[:40] + bytes(200))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medm.qwenvl.data"):
+        item = ds[2]
+    assert "skipping sample 'spoilt'" in caplog.text and "spoilt.png" in caplog.text
+    assert torch.equal(item["pixel_values"], ds[3]["pixel_values"]) and ds.bad_samples.count == 2
+    assert not torch.equal(item["pixel_values"], ok["pixel_values"])  # ok2 (the next one), not ok
+    assert ds[4]["pixel_values"] is None and ds.bad_samples.count == 2
+    with pytest.raises(TooManyBadSamples, match="2 of 5 samples failed to load"):
+        QwenVLDataset(recs, processor, box_format="json_resized", image_dir=str(tmp_path), max_bad_samples=1)[2]
