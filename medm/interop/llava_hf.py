@@ -12,6 +12,7 @@ What maps, exactly (weights are copied, never changed, except where noted):
 | `select_layer`                              | `vision_feature_layer`                                    |
 | `select_feature` patch (CLS dropped)        | `vision_feature_select_strategy: default`                 |
 | `select_feature` cls_patch, or no CLS       | `vision_feature_select_strategy: full`                    |
+| `select_feature` skip_first                 | `default` (on SigLIP: the top-left patch dropped)         |
 | `connector.mlp.0` / `.2` (`mlp2x_{act}`)    | `model.multi_modal_projector.linear_1` / `linear_2`       |
 | `connector.mlp.0` (`linear`)                | `linear_1`, `projector_hidden_act: linear`, `linear_2` = I |
 | `llm.<base_model_prefix>.*`, `llm.lm_head.*` | `model.language_model.*`, `lm_head.*`                    |
@@ -209,8 +210,8 @@ def check_exportable(config) -> dict[str, Any]:
         raise ExportError(f"vision.resample {pre.resample!r} has no PIL resampling code")
     select_layer = config.vision.get("select_layer", -2)
     select_feature = config.vision.get("select_feature", "patch")
-    if select_feature == "patch" and cls.num_cls_tokens == 1:
-        strategy = "default"  # LLaVA drops hidden_states[:, 0], the CLS token
+    if select_feature == "skip_first" or (select_feature == "patch" and cls.num_cls_tokens == 1):
+        strategy = "default"  # LLaVA drops hidden_states[:, 0]: the CLS token, or SigLIP's top-left patch
     elif select_feature == "cls_patch" or cls.num_cls_tokens == 0:
         strategy = "full"  # every token (an encoder without CLS, e.g. SigLIP, has only patches)
     else:
@@ -536,11 +537,11 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
         raise ImportFormatError(f"{src}: vision_feature_layer {layer!r} concatenates several layers; medm encoders "
                                 "select one (select_layer)")
     strategy = cfg.vision_feature_select_strategy
-    if strategy == "default" and enc_cls.num_cls_tokens != 1:
-        raise ImportFormatError(f"{src}: vision_feature_select_strategy 'default' drops the first token, but the "
-                                f"{enc_name} tower has no CLS token, so that drops a patch; medm's {enc_name} keeps "
-                                "every patch")
-    select_feature = "patch" if strategy == "default" or enc_cls.num_cls_tokens == 0 else "cls_patch"
+    if strategy == "default":
+        # LLaVA drops the first token: the CLS of a CLIP tower, the top-left patch of a SigLIP one (no CLS).
+        select_feature = "patch" if enc_cls.num_cls_tokens == 1 else "skip_first"
+    else:
+        select_feature = "patch" if enc_cls.num_cls_tokens == 0 else "cls_patch"
     act = cfg.projector_hidden_act
     inverse_acts = {v: k for k, v in _ACTIVATIONS.items()}
     if act != "linear" and act not in inverse_acts:

@@ -16,6 +16,7 @@ What maps, exactly (weights are copied unchanged):
 |----------------------------------------------------|-------------------------------------------------------------|
 | `llm.*` (any HF causal LM; `lm_head` may be tied)   | `llm.*`                                                     |
 | `encoder_image.encoder.*` (HF SigLIP / CLIP)        | `vision.model.*`; `select_layer`, `select_feature` as is    |
+| `select_feature` patch on SigLIP (drops a patch)   | `select_feature` skip_first                                 |
 | `connector_image` `mlp` (`connector.{0,2}`)        | `connector` `mlp` (`mlp.{0,2}`)                             |
 | `connector_image` `attn_pooling` (`query`,         | `attention_pool`, `layout: medm-vl`, 8 heads, the same      |
 | `attn.*`, `connector.*`)                           | names; `num_queries` from `query`                           |
@@ -116,8 +117,7 @@ def encoder_2d(kind: str, config: dict[str, Any], select_layer: Any, select_feat
         raise ImportFormatError(f"{where}: encoder select_layer {select_layer!r} / select_feature {select_feature!r}; "
                                 "expected an integer layer and patch or cls_patch")
     if select_feature == "patch" and cls.num_cls_tokens == 0:
-        raise ImportFormatError(f"{where}: select_feature 'patch' drops the first token, but {kind} has no CLS token, "
-                                f"so it drops a patch; medm's {name} encoder keeps every patch and cannot reproduce it")
+        select_feature = "skip_first"  # MedM-VL's `patch` drops the first token: on SigLIP (no CLS), a patch
     section = {"name": name, "config": config_dict(vcfg), "select_layer": select_layer,
                "select_feature": select_feature}
     processor = image_processor(processor_source, where)

@@ -17,14 +17,15 @@ What maps, exactly (weights are copied unchanged):
 | `vision_tower._vision_tower.*` (HF SigLIP / CLIP)   | `vision.model.*`                                  |
 | `vision_feature_layer`                              | `select_layer`                                    |
 | `vision_feature_select_strategy` patch / cls_patch  | `select_feature` patch (CLS dropped) / cls_patch  |
+| `patch` on a tower without CLS (SigLIP)             | `select_feature` skip_first (top-left patch dropped) |
 | `connector._connector.{0,2}` (`mlp{N}x_gelu`)       | `connector.mlp.{0,2}` (`mlp`, same type)          |
 | `connector._connector` (`linear`)                   | `connector.mlp.0` (`mlp`, type `linear`)          |
 | `image_aspect_ratio` pad / square                   | `vision.resize` pad (mean-colour square) / squash |
 | phi / qwen2_base / qwen2_instruct / llama templates | template `tinyllava` with the tokenizer's EOS     |
 
-TinyLLaVA's `patch` strategy drops the first token; SigLIP has no CLS token, so there it drops a patch, which medm's
-SigLIP encoder does not do: such a checkpoint is refused with that reason. Connectors other than MLPs (resampler,
-Q-Former, MoF), two vision towers and LoRA adapter directories are refused too.
+TinyLLaVA's `patch` strategy drops the first token; SigLIP has no CLS token, so there it drops the top-left patch
+(TinyLLaVA's SigLIP models see 728 of 729 patches), which `select_feature: skip_first` reproduces. Connectors other
+than MLPs (resampler, Q-Former, MoF), two vision towers and LoRA adapter directories are refused with the reason.
 """
 
 from __future__ import annotations
@@ -150,11 +151,9 @@ def import_tinyllava(src: str, out: str, *, llm_path: str | None = None, encoder
     vcfg = hf_config(_part_config(cfg, "vision_config", "vision_tower", encoder_path, vision_name, src,
                                   "encoder-path"), f"{src}: vision_config", vision=True)
     enc_name = _encoder_for(vcfg)
-    if strategy == "patch" and VISION.get(enc_name).num_cls_tokens == 0:
-        raise ImportFormatError(f"{src}: vision_feature_select_strategy 'patch' drops the first token, but the "
-                                f"{enc_name} tower has no CLS token, so it drops a patch; medm's {enc_name} encoder "
-                                "keeps every patch and cannot reproduce it")
-    vision = {"name": enc_name, "config": config_dict(vcfg), "select_layer": layer, "select_feature": strategy}
+    # TinyLLaVA's `patch` drops the first token: the CLS of a CLIP tower, a patch of a SigLIP one (no CLS).
+    select_feature = strategy if strategy == "cls_patch" or VISION.get(enc_name).num_cls_tokens else "skip_first"
+    vision = {"name": enc_name, "config": config_dict(vcfg), "select_layer": layer, "select_feature": select_feature}
     processor = image_processor(encoder_path or vision_name, src)
     if processor is None:
         logger.warning("%s: no image processor found (pass --encoder-path with the base encoder's "

@@ -20,6 +20,8 @@ VARIANTS = {
                                                           "select_layer": -1}, None, "full", -1),
     "clip-cls-linear-phi3": ("clip", "phi3", "linear", {"select_feature": "cls_patch", "select_layer": -1}, None,
                              "full", -1),
+    # LLaVA's `default` drops the first token whatever the tower: on SigLIP (no CLS) a patch, as medm's skip_first.
+    "siglip-skipfirst-qwen2": ("siglip", "qwen2", "mlp2x_gelu", {"select_feature": "skip_first"}, None, "default", -2),
 }
 
 

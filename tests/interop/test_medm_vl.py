@@ -21,7 +21,6 @@ from transformers import (
 from medm.cli import main
 from medm.config import load_yaml
 from medm.infer.generate import GenerationSettings, Predictor
-from medm.interop.llava_hf import ImportFormatError
 from medm.interop.medm_vl import import_medm_vl
 from medm.models.tiny import tiny_tokenizer
 from medm.models.vision.vit3d import ViT3DEncoder
@@ -151,6 +150,10 @@ def imported(tmp_path_factory, bases):
             state = _source_state("attn_pooling", seed=1)
             cfg = _released_config()
             torch.save(state, src / "pytorch_model.bin")
+        elif kind == "released-attn-patch":  # `patch` on SigLIP: MedM-VL drops the first token, a patch
+            state = _source_state("attn_pooling", seed=3)
+            cfg = _released_config(select_feature="patch")
+            torch.save(state, src / "pytorch_model.bin")
         else:  # ct-chest: the released 2D encoder + attention pooling, reading volumes slice by slice
             state = _source_state("attn_pooling", seed=2)
             cfg = _released_config()
@@ -165,12 +168,15 @@ def imported(tmp_path_factory, bases):
 
 
 # ---- the reference: MedM-VL's forward, from the source tensors ------------------------------------------------
-def _reference_features(state, pixel_values, connector):
-    """encoder_image (SigLIP, hidden_states[-1], every token) -> connector_image, by hand."""
+def _reference_features(state, pixel_values, connector, select_feature="cls_patch"):
+    """encoder_image (SigLIP, hidden_states[-1]: every token with cls_patch, all but the first with patch) ->
+    connector_image, by hand."""
     enc = SiglipVisionModel(_vision_config()).eval()
     p = "encoder_image.encoder."
     enc.load_state_dict({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
     x = enc(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
+    if select_feature == "patch":
+        x = x[:, 1:]
     c = "connector_image."
     if connector == "attn_pooling":
         attn = nn.MultiheadAttention(D_ENC, 8, batch_first=True).eval()
@@ -223,6 +229,8 @@ RULES = {
                     ("connector_image.connector.", "connector.mlp.")],
     "released-attn": [("llm.", "llm."), ("encoder_image.encoder.", "vision.model."),
                       ("connector_image.", "connector.")],
+    "released-attn-patch": [("llm.", "llm."), ("encoder_image.encoder.", "vision.model."),
+                            ("connector_image.", "connector.")],
     "ct-chest": [("llm.", "llm."), ("encoder_image.encoder.", "vision3d.encoder.model."),
                  ("connector_image.", "connector3d.")],
 }
@@ -259,9 +267,12 @@ def test_released_attention_pooling_config(imported):
     assert model.config.connector == {"name": "attention_pool", "layout": "medm-vl", "num_queries": N_QUERIES,
                                       "num_heads": 8, "mlp_type": "mlp2x_gelu"}
     assert model.num_image_tokens == N_QUERIES
+    _, _, out = imported("released-attn-patch")
+    assert load_trained(str(out))[0].config.vision["select_feature"] == "skip_first"
 
 
-@pytest.mark.parametrize("kind, connector", [("current-mlp", "mlp"), ("released-attn", "attn_pooling")])
+@pytest.mark.parametrize("kind, connector", [("current-mlp", "mlp"), ("released-attn", "attn_pooling"),
+                                             ("released-attn-patch", "attn_pooling")])
 def test_prompt_and_logits_match_medm_vl(imported, kind, connector):
     src, state, out = imported(kind)
     model, tok = load_trained(str(out))
@@ -276,7 +287,8 @@ def test_prompt_and_logits_match_medm_vl(imported, kind, connector):
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
-        theirs = _reference_logits(state, ref_ids, _reference_features(state, pixels, connector))
+        select = "patch" if kind.endswith("-patch") else "cls_patch"
+        theirs = _reference_logits(state, ref_ids, _reference_features(state, pixels, connector, select))
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     # The answer format: " {a}<|im_end|>" supervised, as MedM-VL trains.
@@ -406,14 +418,6 @@ def test_imported_checkpoint_generates_and_trains(imported, tmp_path):
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------------
-def test_siglip_patch_selection_is_refused(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps(_released_config(select_feature="patch")))
-    with pytest.raises(ImportFormatError, match="siglip has no CLS token, so it drops a patch"):
-        import_medm_vl(str(src), str(tmp_path / "out"))
-
-
 @pytest.mark.parametrize("edit, reason", [
     ({"model_type": "tinyllava"}, "use `medm import tinyllava`"),
     ({"connector_image_type": "qformer"}, "connector type 'qformer'"),

@@ -59,6 +59,10 @@ CASES = {
     # bias); as many embedding rows as tokens, so the media tokens resize the embeddings.
     "finetune-clip-phi": {"vision": "clip", "layer": -2, "strategy": "patch", "connector": "mlp2x_gelu",
                           "llm": "phi", "aspect": "pad"},
+    # finetune layout; SigLIP with TinyLLaVA's `patch`, which drops the first token: a patch, as SigLIP has no CLS
+    # (TinyLLaVA-Phi-2-SigLIP-3.1B's settings).
+    "finetune-siglip-phi": {"vision": "siglip", "layer": -2, "strategy": "patch", "connector": "mlp2x_gelu",
+                            "llm": "phi", "aspect": "square"},
     # pretrain layout: language_model/ vision_tower/ connector/ with .bin; SigLIP, every token; linear; a tied Llama
     # whose tokenizer adds BOS.
     "pretrain-siglip-llama": {"vision": "siglip", "layer": -1, "strategy": "cls_patch", "connector": "linear",
@@ -182,6 +186,9 @@ def test_settings_map(imported):
     assert (v["name"], v["select_layer"], v["select_feature"], v["resize"]) == ("clip", -2, "patch", "pad")
     assert (v["image_mean"], v["image_std"]) == ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3])  # from --encoder-path
     assert cfg.llm["family"] == "phi"
+    _, _, out = imported("finetune-siglip-phi")
+    v = load_trained(str(out))[0].config.vision
+    assert (v["name"], v["select_layer"], v["select_feature"]) == ("siglip", -2, "skip_first")
     _, _, out = imported("pretrain-siglip-llama")
     model, tok = load_trained(str(out))
     assert model.config.connector == {"name": "mlp", "type": "linear"}
@@ -234,7 +241,9 @@ def test_prompt_and_logits_match_tinyllava(imported, name):
     ids = pred.encode(msgs)
     ref_ids = _source_ids(AutoTokenizer.from_pretrained(str(src)), prompt)
     image = model.config.image_token_id
-    assert ids.count(image) == model.num_image_tokens == 16  # CLIP: 16 patches, CLS dropped; SigLIP: 16 patches
+    # CLIP: 16 patches, CLS dropped; SigLIP with cls_patch: 16 patches; SigLIP with patch: the first one dropped.
+    dropped_patch = CASES[name]["vision"] == "siglip" and CASES[name]["strategy"] == "patch"
+    assert ids.count(image) == model.num_image_tokens == (15 if dropped_patch else 16)
     at = ids.index(image)
     assert ids[:at] + [IMAGE_TOKEN_INDEX] + ids[at + model.num_image_tokens:] == ref_ids
     pixels = torch.randn(1, 3, 32, 32)
@@ -266,7 +275,6 @@ def test_imported_checkpoint_is_ordinary(imported):
 
 # ---- refusals ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("edit, reason", [
-    ({"vision_feature_select_strategy": "patch"}, "siglip tower has no CLS token, so it drops a patch"),
     ({"connector_type": "resampler"}, "connector_type 'resampler'"),
     ({"model_type": "lvlm"}, "use `medm import medm-vl`"),
     ({"vision_model_name_or_path2": "google/siglip-so400m-patch14-384"}, "two vision towers"),

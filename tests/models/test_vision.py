@@ -13,7 +13,7 @@ from transformers import CLIPVisionModel, SiglipVisionModel
 
 from medm.models import build_model, load_model, save_model
 from medm.models.tiny import tiny_model_config, tiny_vision
-from medm.registry import VISION
+from medm.registry import CONNECTOR, VISION
 
 # Tiny CNN: timm's `test_resnet` at 64 px; stage -2 (layer3, stride 16) gives a 4x4 grid of 192 channels.
 TIMM_CNN = {"model_name": "test_resnet", "image_size": 64}
@@ -85,6 +85,37 @@ def test_select_feature_patch_vs_cls_patch(key):
     assert both.num_prefix_tokens == n_prefix and b.shape[1] == 16 + n_prefix
     # The prefix tokens come first; the grid tokens are the same either way.
     torch.testing.assert_close(b[:, n_prefix:], a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ["clip", "siglip"])
+def test_skip_first_drops_the_first_token_cls_or_not(key):
+    """LLaVA's `default` / TinyLLaVA's `patch`: CLIP loses its CLS (= `patch`), SigLIP its top-left patch."""
+    cls, cfg, enc = make(key, select_feature="skip_first")
+    px = pixels((cls, cfg))
+    with torch.no_grad():
+        out = enc(px)
+        ref = enc.model(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(out, ref[:, 1:], rtol=0, atol=0)
+    assert out.shape[1] == enc.num_tokens == 16 + ENCODERS[key][2] - 1
+    assert enc.num_prefix_tokens == (0 if key == "clip" else -1)
+
+
+def test_only_the_mlp_connector_takes_features_missing_a_patch():
+    enc = VISION.build("siglip", **tiny_vision("siglip"), select_feature="skip_first")
+    mlp = CONNECTOR.build("mlp", in_dim=32, out_dim=48, grid=enc.grid, num_prefix_tokens=enc.num_prefix_tokens)
+    assert mlp.num_tokens == 15 and mlp(torch.randn(2, 15, 32)).shape == (2, 15, 48)
+    geometry = {"in_dim": 32, "out_dim": 48, "grid": enc.grid, "num_prefix_tokens": enc.num_prefix_tokens}
+    # MedM-VL's attention pooling attends without positions: 15 tokens are as good as 16.
+    pool = CONNECTOR.build("attention_pool", **geometry, layout="medm-vl", num_queries=4)
+    assert pool(torch.randn(2, 15, 32)).shape == (2, 4, 48)
+    for name, kw in (("spatial_pool", {}), ("attention_pool", {"layout": "qwen", "num_queries": 4})):
+        with pytest.raises(ValueError, match=rf"connector '{name}' needs the encoder's full patch grid \(4, 4\)"):
+            CONNECTOR.build(name, **geometry, **kw)
+    with pytest.raises(ValueError, match="drops a patch of every slice"):
+        VISION.build("slices", encoder={"name": "siglip", **tiny_vision("siglip"), "select_feature": "skip_first"},
+                     num_slices=2)
+    with pytest.raises(ValueError, match="unknown select_feature 'first'; known: patch, cls_patch, skip_first"):
+        VISION.build("siglip", **tiny_vision("siglip"), select_feature="first")
 
 
 @pytest.mark.parametrize("key,model_class", [("clip", CLIPVisionModel), ("siglip", SiglipVisionModel)])

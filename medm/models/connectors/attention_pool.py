@@ -59,6 +59,8 @@ class AttentionPoolConnector(Connector):
     Position embeddings are computed from `grid` on the fly, never stored, so they are not in the state dict.
     """
 
+    needs_full_grid = False  # `medm-vl` attends without positions; `qwen` checks the grid itself
+
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, ...], num_prefix_tokens: int = 0,
                  num_queries: int = 256, num_heads: int = 8, mlp_type: str = "mlp2x_gelu", layout: str = "qwen",
                  width: int | None = None):
@@ -84,6 +86,7 @@ class AttentionPoolConnector(Connector):
             self.connector = build_mlp(in_dim, out_dim, depth, act)
             self.query_grid = None
             return
+        self.check_full_grid()  # the key position embeddings cover the grid
         self.query = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_queries, w), std=0.02))
         self.kv_proj = nn.Linear(in_dim, w, bias=False) if w != in_dim else nn.Identity()
         self.ln_q = nn.LayerNorm(w, eps=1e-6)

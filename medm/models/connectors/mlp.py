@@ -13,6 +13,8 @@ from medm.registry import CONNECTOR
 class MLPConnector(Connector):
     """`type`: `linear` or `mlp{N}x_{act}` (e.g. `mlp2x_gelu`). Emits one token per input token."""
 
+    needs_full_grid = False  # token by token: the features need not form a grid
+
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, ...], num_prefix_tokens: int = 0,
                  type: str = "mlp2x_gelu"):
         super().__init__(in_dim, out_dim, grid, num_prefix_tokens)

@@ -67,7 +67,10 @@ class VisionEncoder(nn.Module):
 
     Subclasses set `hidden_size`, `grid` (patch grid, e.g. (4, 4)) and `num_prefix_tokens` (leading
     non-grid tokens kept in the output, e.g. 1 for CLS with `select_feature: cls_patch`), so
-    `num_tokens = num_prefix_tokens + prod(grid)` is known before anything runs.
+    `num_tokens = num_prefix_tokens + prod(grid)` is known before anything runs. A negative `num_prefix_tokens`
+    means that many leading grid tokens were dropped (`select_feature: skip_first` on a tower without a CLS
+    token): the output is then no full grid, which only connectors that need none accept (`mlp`, `attention_pool`
+    with `layout: medm-vl`).
     """
 
     hidden_size: int
@@ -93,10 +96,23 @@ class VisionEncoder(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot load pretrained weights")
 
 
+SELECT_FEATURES = ("patch", "cls_patch", "skip_first")
+
+
+def num_prefix_tokens(select_feature: str, num_cls: int) -> int:
+    """Leading non-grid tokens `select_features` keeps (negative: grid tokens it drops) for a tower with `num_cls`
+    class tokens."""
+    return {"patch": 0, "cls_patch": num_cls, "skip_first": num_cls - 1}[select_feature]
+
+
 def select_features(hidden: torch.Tensor, select_feature: str, num_cls: int) -> torch.Tensor:
-    """(B, T, D) -> (B, N, D): `patch` drops the `num_cls` leading tokens, `cls_patch` keeps all."""
+    """(B, T, D) -> (B, N, D): `patch` drops the `num_cls` leading tokens, `cls_patch` keeps all, `skip_first` drops
+    the first token whatever it is (LLaVA's `default` and TinyLLaVA's `patch` strategies: on a tower without a CLS
+    token, such as SigLIP, that is the top-left patch)."""
     if select_feature == "patch":
         return hidden[:, num_cls:]
     if select_feature == "cls_patch":
         return hidden
-    raise ValueError(f"unknown select_feature {select_feature!r}; known: patch, cls_patch")
+    if select_feature == "skip_first":
+        return hidden[:, 1:]
+    raise ValueError(f"unknown select_feature {select_feature!r}; known: {', '.join(SELECT_FEATURES)}")

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from medm.models.vision._base import ImagePreprocess, VisionEncoder, select_features
+from medm.models.vision._base import (
+    SELECT_FEATURES,
+    ImagePreprocess,
+    VisionEncoder,
+    num_prefix_tokens,
+    select_features,
+)
 
 
 def _preprocessor_json(path: str | None) -> dict[str, Any]:
@@ -22,9 +28,20 @@ def _preprocessor_json(path: str | None) -> dict[str, Any]:
 class HFVisionEncoder(VisionEncoder):
     """A transformers vision tower; features are `hidden_states[select_layer]`.
 
-    Config keys: `path` (local dir or hub id, optional), `config` (the vision config as a dict; filled
-    from `path` when missing), `select_layer` (-2), `select_feature` (`patch` | `cls_patch`),
-    `image_mean` / `image_std` / `resize` / `resample` (filled from the path's preprocessor when missing).
+    Args:
+        config: the vision config as a dict (`image_size`, `patch_size`, `hidden_size`, ...); filled from `path`
+            when missing.
+        path: local directory or hub id of pretrained weights (a full CLIP / SigLIP checkpoint: the vision part is
+            used).
+        select_layer: index into `hidden_states` (0: the embeddings, -1: the last layer, -2: the one before).
+        select_feature: `patch` (the grid: CLS dropped), `cls_patch` (CLS first, then the grid) or `skip_first`
+            (every token after the first, CLS or not: LLaVA's `default` / TinyLLaVA's `patch` strategy, which on
+            SigLIP drops the top-left patch, which leaves no full grid: the `mlp` connector and `attention_pool`
+            with `layout: medm-vl` take that, the pooling ones refuse it).
+        image_mean: per-channel mean; default from `path`'s preprocessor, else the tower's.
+        image_std: per-channel std; default from `path`'s preprocessor, else the tower's.
+        resize: `squash` | `pad` (see `ImagePreprocess`).
+        resample: `bicubic` | `bilinear` | `nearest`.
     """
 
     config_class: type[PretrainedConfig]
@@ -38,8 +55,8 @@ class HFVisionEncoder(VisionEncoder):
                  image_std: list[float] | None = None, resize: str = "squash", resample: str = "bicubic"):
         super().__init__()
         del image_mean, image_std, resize, resample  # preprocessing settings, read by `preprocessor(cfg)`
-        if select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"unknown select_feature {select_feature!r}; known: patch, cls_patch")
+        if select_feature not in SELECT_FEATURES:
+            raise ValueError(f"unknown select_feature {select_feature!r}; known: {', '.join(SELECT_FEATURES)}")
         cfg = self.config_class(**config)
         self.select_layer = select_layer
         self.select_feature = select_feature
@@ -47,7 +64,7 @@ class HFVisionEncoder(VisionEncoder):
         self.hidden_size = cfg.hidden_size
         side = cfg.image_size // cfg.patch_size
         self.grid = (side, side)
-        self.num_prefix_tokens = self.num_cls_tokens if select_feature == "cls_patch" else 0
+        self.num_prefix_tokens = num_prefix_tokens(select_feature, self.num_cls_tokens)
         n_layers = cfg.num_hidden_layers
         if not -(n_layers + 1) <= select_layer <= n_layers:
             raise ValueError(f"select_layer {select_layer} out of range for {n_layers} layers")

@@ -8,7 +8,8 @@ from medm.registry import VISION
 
 @VISION.register("siglip")
 class SiglipEncoder(HFVisionEncoder):
-    """SigLIP ViT. It has no CLS token, so `patch` and `cls_patch` both give every patch token.
+    """SigLIP ViT. It has no CLS token, so `patch` and `cls_patch` both give every patch token (`skip_first` drops
+    the top-left one, as LLaVA's and TinyLLaVA's SigLIP models do).
 
     `select_layer: -1` is the last encoder layer's output before `post_layernorm` (what `hidden_states[-1]`
     holds). Set `config.vision_use_head: false` to drop the attention-pooling head, which the features never use.

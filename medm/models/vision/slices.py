@@ -56,6 +56,9 @@ class SliceEncoder(VisionEncoder):
         if len(self.encoder.grid) != 2:
             raise ValueError(f"vision encoder 'slices': {name!r} has a {len(self.encoder.grid)}-D grid "
                              f"{self.encoder.grid}; it must be a 2D encoder")
+        if self.encoder.num_prefix_tokens < 0:
+            raise ValueError(f"vision encoder 'slices': {name!r} with select_feature skip_first drops a patch of "
+                             "every slice, so the slices' tokens form no grid; use patch or cls_patch")
         self.num_slices = num_slices
         self.slice_prefix = self.encoder.num_prefix_tokens
         self.hidden_size = self.encoder.hidden_size
