@@ -8,6 +8,7 @@ import torch
 from qwenvl_helpers import REPO, tiny_cfg
 
 from medm.cli import main as medm_main
+from medm.data._bad_samples import TooManyBadSamples
 from medm.data.annotations import load_records
 from medm.data.dataset import DataArgs, build_dataset
 from medm.eval.metrics import grounding_scores
@@ -16,6 +17,7 @@ from medm.models import load_model
 from medm.qwenvl.infer import QwenVLPredictor
 from medm.train.args import load_train_config
 from medm.train.checkpoint import export_merged, load_trained, read_meta
+from medm.train.metrics import read_metrics
 from medm.train.trainer import run_training
 
 YAML = {"qwen2_vl": "configs/model/tiny-qwen2-vl.yaml", "qwen2_5_vl": "configs/model/tiny-qwen2.5-vl.yaml"}
@@ -158,3 +160,22 @@ def test_qwen_vl_dataset_refuses_a_medm_template(lora_run, phantoms):
     _, trainer = lora_run
     with pytest.raises(ValueError, match="data.template: 'pretrain'; a qwen-vl model renders conversations"):
         build_dataset(DataArgs(path=phantoms["train"], template="pretrain"), trainer.model, trainer.processing_class)
+
+
+def test_training_skips_and_counts_unreadable_images(phantoms, tmp_path):
+    """`data.max_bad_samples` reaches the Qwen-VL dataset: a missing image costs one sample and shows in the logs;
+    with no bad sample allowed, training stops before it starts, naming the record and the file."""
+    records = json.loads(Path(phantoms["train"]).read_text())
+    gone = records[1]["id"]
+    records[1] = {**records[1], "image": "images/missing.png"}
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    run = tmp_path / "run"
+    trainer = run_training(_cfg(run, {**phantoms, "train": str(data)}, "qwen2_5_vl", "train.max_steps=2"))
+    assert trainer.state.global_step == 2 and len(trainer.train_dataset) == len(records)
+    assert [h["bad_samples"] for h in trainer.state.log_history if "loss" in h] == [1, 1]
+    assert read_metrics(str(run))[-1]["bad_samples"] == 1
+    with pytest.raises(TooManyBadSamples, match=rf"record '{gone}': cannot load image .*missing\.png"):
+        run_training(_cfg(tmp_path / "strict", {**phantoms, "train": str(data)}, "qwen2_5_vl",
+                          "data.max_bad_samples=0"))
+    assert not (tmp_path / "strict" / "adapter_model.safetensors").exists()
