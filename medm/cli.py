@@ -34,7 +34,14 @@ _SUBCOMMAND_MODULES: list[str] = ["medm.data.cli", "medm.train.cli", "medm.demo"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so `a.b=c` overrides written after an option
+    # come back as extras: they still belong to the command's overrides, in the order given.
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 

@@ -141,3 +141,17 @@ def test_cli_prints_parts_and_the_largest_micro_batch(capsys):
     assert "optimizer states" in text and "largest micro-batch that fits" in text
     assert main(["estimate", "configs/train/finetune.yaml", "--tiny", "--gpu-mem", "1KB"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_overrides_may_follow_options_in_the_order_written(capsys):
+    """docs/recipes.md writes `--num-gpus 16 train.per_device_train_batch_size=4 --gpu-mem 80GB`."""
+    from medm.cli import main
+
+    argv = ["estimate", "configs/train/finetune.yaml", "train.per_device_train_batch_size=2", "--tiny", "--json",
+            "train.per_device_train_batch_size=4", "--gpu-mem", "24GB", "train.gradient_checkpointing=false"]
+    assert main(argv) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert settings["micro_batch"] == 4 and settings["gradient_checkpointing"] is False
+    with pytest.raises(SystemExit):
+        main(["estimate", "configs/train/finetune.yaml", "--tiny", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
