@@ -2,6 +2,7 @@
 
     medm eval --task vqa-rad --pred runs/eval/preds.jsonl --out runs/eval
     medm eval --task vqa-rad --pred preds.jsonl --blank preds_blank.jsonl --protocol llava-med --out runs/eval
+    medm eval --task vqa-rad --pred a/preds.jsonl --compare b/preds.jsonl --bootstrap 1000 --seed 0 --out a
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from medm.eval.report import evaluate, render_markdown, write_report
 
     try:
-        result = evaluate(args.task, args.pred, protocol=args.protocol, blank=args.blank, image_dir=args.image_dir)
+        result = evaluate(args.task, args.pred, protocol=args.protocol, blank=args.blank, image_dir=args.image_dir,
+                          bootstrap=args.bootstrap, seed=args.seed, compare=args.compare)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
@@ -41,4 +43,9 @@ def add_parsers(subparsers) -> None:
                                                  "--blank-images): adds accuracy with and without the image")
     p.add_argument("--image-dir", default=None, help="directory relative image paths start from (grounding reads "
                                                      "image sizes from the images)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval of every "
+                                                                   "figure (default 1000; 0: no intervals)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    p.add_argument("--compare", default=None, help="another model's predictions for the same questions: adds the "
+                                                   "paired difference of each figure, its interval and p-value")
     p.set_defaults(func=_cmd_eval)

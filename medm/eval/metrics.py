@@ -13,7 +13,6 @@ sees into the map), and the period regex is applied without the accidental `coun
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -151,12 +150,14 @@ def exact_match(prediction: Any, reference: Any) -> bool:
 
 # ---- BLEU and ROUGE --------------------------------------------------------------------------------------------
 def bleu(prediction: Any, reference: Any, n: int = 4, smoothing: str | None = "method1",
-         normalize: bool = True) -> float:
+         normalize: bool = True, tokenizer: str = "auto") -> float:
     """Cumulative sentence BLEU-n (uniform weights 1/n over 1..n-grams) from `nltk.translate.bleu_score`.
 
     Args:
-        prediction / reference: strings; tokenised on whitespace after VQA normalisation (`normalize=True`) or after
-            lower-casing only.
+        prediction / reference: strings. Tokenised by `tokenizer` (`medm.eval.text`): "words" splits on whitespace
+            after VQA normalisation (`normalize=True`) or after lower-casing only; "chars" gives one token per
+            Chinese / Japanese / Korean character; "auto" (default) is "chars" when either text has such
+            characters, else "words".
         n: highest n-gram order, 1..4.
         smoothing: name of an `nltk` `SmoothingFunction` method. The default "method1" (Chen & Cherry 2014: add 0.1
             to the count of an n-gram order with no match) keeps BLEU-2..4 of short answers from collapsing to 0
@@ -165,10 +166,15 @@ def bleu(prediction: Any, reference: Any, n: int = 4, smoothing: str | None = "m
     """
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
+    from medm.eval.text import char_tokens, resolve_tokenizer
+
     if not 1 <= n <= 4:
         raise ValueError(f"BLEU order n must be 1..4, got {n}")
-    prep = normalize_answer if normalize else (lambda t: str(t).lower())
-    hyp, ref = prep(prediction).split(), prep(reference).split()
+    if resolve_tokenizer(tokenizer, prediction, reference) == "chars":
+        hyp, ref = char_tokens(prediction), char_tokens(reference)
+    else:
+        prep = normalize_answer if normalize else (lambda t: str(t).lower())
+        hyp, ref = prep(prediction).split(), prep(reference).split()
     if not hyp or not ref:
         return 0.0
     fn = getattr(SmoothingFunction(), smoothing) if smoothing else None
@@ -176,28 +182,23 @@ def bleu(prediction: Any, reference: Any, n: int = 4, smoothing: str | None = "m
 
 
 def bleu_scores(prediction: Any, reference: Any, smoothing: str | None = "method1",
-                normalize: bool = True) -> dict[str, float]:
+                normalize: bool = True, tokenizer: str = "auto") -> dict[str, float]:
     """`{"bleu1": ..., "bleu4": ...}`: cumulative BLEU-1..4 (see `bleu`)."""
-    return {f"bleu{n}": bleu(prediction, reference, n, smoothing, normalize) for n in range(1, 5)}
+    return {f"bleu{n}": bleu(prediction, reference, n, smoothing, normalize, tokenizer) for n in range(1, 5)}
 
 
-@functools.lru_cache(maxsize=2)
-def _rouge_scorer(use_stemmer: bool):
-    from rouge_score import rouge_scorer
+def rouge(prediction: Any, reference: Any, normalize: bool = True, use_stemmer: bool = False,
+          tokenizer: str = "auto") -> dict[str, float]:
+    """ROUGE-1 / ROUGE-2 / ROUGE-L F-measures: `{"rouge1", "rouge2", "rougeL"}`.
 
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
-
-
-def rouge(prediction: Any, reference: Any, normalize: bool = True, use_stemmer: bool = False) -> dict[str, float]:
-    """ROUGE-1 / ROUGE-2 / ROUGE-L F-measures from the `rouge-score` package: `{"rouge1", "rouge2", "rougeL"}`.
-
-    `rouge-score` lower-cases and splits on non-alphanumerics itself; `normalize=True` applies VQA normalisation
-    first (so articles and number words do not count).
+    English ("words"): the `rouge-score` package, which lower-cases and splits on non-alphanumerics itself;
+    `normalize=True` applies VQA normalisation first (so articles and number words do not count). Chinese /
+    Japanese / Korean text ("chars", chosen by "auto" when either text has such characters) is scored by character
+    (`medm.eval.text`), since `rouge-score` drops every non-ASCII character.
     """
-    prep = normalize_answer if normalize else str
-    pred, ref = prep(prediction), prep(reference)
-    scores = _rouge_scorer(use_stemmer).score(ref, pred)  # score(target, prediction)
-    return {k: float(v.fmeasure) for k, v in scores.items()}
+    from medm.eval.text import rouge_scores
+
+    return rouge_scores(prediction, reference, tokenizer, normalize, use_stemmer)
 
 
 # ---- closed-ended ----------------------------------------------------------------------------------------------

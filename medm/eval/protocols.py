@@ -171,6 +171,55 @@ def _pct_or_none(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
+@dataclass(frozen=True)
+class ItemScore:
+    """One question's scores under a protocol; `aggregate` turns a list of them into the reported figures."""
+
+    closed_hit: float | None  # closed questions: 1.0 right, 0.0 wrong; None for open ones
+    yes_no: tuple[bool, bool] | None  # closed yes/no questions: (prediction says yes, answer is yes)
+    open: OpenScore | None  # open questions
+
+
+def item_scores(predictions: Iterable[dict[str, Any]], protocol: str = "strict") -> list[ItemScore]:
+    """Each prediction's `ItemScore` (fields as `score` reads them); `aggregate` of the list is `score`."""
+    proto = get_protocol(protocol)
+    out = []
+    for it in (_item(p, i) for i, p in enumerate(predictions)):
+        if it.answer_type == CLOSED:
+            hit = float(proto.closed_correct(it.prediction, it.answer, it.question))
+            gold = normalize_answer(it.answer)
+            yes_no = (proto.says_yes(it.prediction), gold == YES) if gold in (YES, NO) else None
+            out.append(ItemScore(hit, yes_no, None))
+        else:
+            out.append(ItemScore(None, None, proto.open_score(it.prediction, it.answer)))
+    return out
+
+
+def aggregate(items: list[ItemScore], protocol: str) -> dict[str, Any]:
+    """The figures of `score` from per-question scores (the bootstrap re-aggregates resampled lists)."""
+    closed_hits = [it.closed_hit for it in items if it.closed_hit is not None]
+    yes_no = [it.yes_no for it in items if it.yes_no is not None]
+    choice_hits = [it.closed_hit for it in items if it.closed_hit is not None and it.yes_no is None]
+    opens = [it.open for it in items if it.open is not None]
+    prf = yes_no_prf([p for p, _ in yes_no], [g for _, g in yes_no])
+    return {
+        "protocol": protocol,
+        "n": len(items), "n_closed": len(closed_hits), "n_open": len(opens),
+        "n_yes_no": len(yes_no), "n_choice": len(choice_hits),
+        "overall": _pct(closed_hits + [o.recall for o in opens]),
+        "closed_accuracy": _pct(closed_hits),
+        "closed_precision": _pct_or_none(prf["precision"]),
+        "closed_recall": _pct_or_none(prf["recall"]),
+        "closed_f1": _pct_or_none(prf["f1"]),
+        "closed_choice_accuracy": _pct(choice_hits),
+        "open_recall": _pct([o.recall for o in opens]),
+        "open_precision": _pct([o.precision for o in opens]),
+        "open_f1": _pct([o.f1 for o in opens]),
+        "open_accuracy": _pct([o.hit for o in opens]),
+        "exact_match": _pct([o.exact for o in opens]),
+    }
+
+
 def score(predictions: Iterable[dict[str, Any]], protocol: str = "strict") -> dict[str, Any]:
     """Score closed and open VQA predictions under one protocol.
 
@@ -189,39 +238,7 @@ def score(predictions: Iterable[dict[str, Any]], protocol: str = "strict") -> di
         Counts: `n`, `n_closed`, `n_open`, `n_yes_no`, `n_choice`. And `protocol`. A percentage with nothing to
         average is None.
     """
-    proto = get_protocol(protocol)
-    items = [_item(p, i) for i, p in enumerate(predictions)]
-    closed_hits, choice_hits, pred_yes, gold_yes = [], [], [], []
-    opens: list[OpenScore] = []
-    for it in items:
-        if it.answer_type == CLOSED:
-            hit = float(proto.closed_correct(it.prediction, it.answer, it.question))
-            closed_hits.append(hit)
-            gold = normalize_answer(it.answer)
-            if gold in (YES, NO):
-                gold_yes.append(gold == YES)
-                pred_yes.append(proto.says_yes(it.prediction))
-            else:
-                choice_hits.append(hit)
-        else:
-            opens.append(proto.open_score(it.prediction, it.answer))
-    prf = yes_no_prf(pred_yes, gold_yes)
-    return {
-        "protocol": proto.name,
-        "n": len(items), "n_closed": len(closed_hits), "n_open": len(opens),
-        "n_yes_no": len(gold_yes), "n_choice": len(choice_hits),
-        "overall": _pct(closed_hits + [o.recall for o in opens]),
-        "closed_accuracy": _pct(closed_hits),
-        "closed_precision": _pct_or_none(prf["precision"]),
-        "closed_recall": _pct_or_none(prf["recall"]),
-        "closed_f1": _pct_or_none(prf["f1"]),
-        "closed_choice_accuracy": _pct(choice_hits),
-        "open_recall": _pct([o.recall for o in opens]),
-        "open_precision": _pct([o.precision for o in opens]),
-        "open_f1": _pct([o.f1 for o in opens]),
-        "open_accuracy": _pct([o.hit for o in opens]),
-        "exact_match": _pct([o.exact for o in opens]),
-    }
+    return aggregate(item_scores(predictions, protocol), get_protocol(protocol).name)
 
 
 def breakdown(predictions: Iterable[dict[str, Any]], by: str = "question_type", protocol: str = "strict",

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from medm.eval.bootstrap import DEFAULT_RESAMPLES, bootstrap_ci, paired_comparison
 from medm.eval.tasks._base import Breakdown, Column, Task, TaskError
 from medm.infer.predictions import load_predictions
 from medm.registry import TASK
@@ -33,6 +34,7 @@ class GroupResult:
     group: str
     metrics: dict[str, Any]
     blank: dict[str, Any] | None = None
+    ci: dict[str, list[float] | None] | None = None
 
 
 @dataclass
@@ -47,6 +49,10 @@ class EvalResult:
     blank: dict[str, Any] | None = None
     groups: list[GroupResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    bootstrap: dict[str, Any] | None = None  # {"resamples", "seed", "level", "method"} when intervals were drawn
+    ci: dict[str, list[float] | None] | None = None  # {metric: [lo, hi]} of the headline figures
+    compare_predictions: str | None = None
+    comparison: dict[str, dict[str, Any]] | None = None  # bootstrap.paired_comparison: this file - the other
 
 
 def group_rows(rows: list[dict[str, Any]], breakdown: Breakdown) -> dict[str, list[int]]:
@@ -63,9 +69,9 @@ def group_rows(rows: list[dict[str, Any]], breakdown: Breakdown) -> dict[str, li
 
 
 def _pair_blank(rows: list[dict[str, Any]], blank_rows: list[dict[str, Any]], pred: str,
-                blank: str) -> list[dict[str, Any]]:
-    """The blank run's rows in the order of `rows`: each main row with the blank prediction. The two files must
-    hold the same ids with the same answers."""
+                blank: str, what: str = "blank-image predictions") -> list[dict[str, Any]]:
+    """The other run's rows in the order of `rows`: each main row with the other prediction (a blank-image run, or
+    another model's for `--compare`). The two files must hold the same ids with the same answers."""
     by_id = {str(r["id"]): r for r in blank_rows}
     ids = [str(r["id"]) for r in rows]
     missing = [i for i in ids if i not in by_id]
@@ -73,7 +79,7 @@ def _pair_blank(rows: list[dict[str, Any]], blank_rows: list[dict[str, Any]], pr
     if missing or extra:
         parts = ([f"{len(missing)} id(s) of {pred} are missing (e.g. {missing[0]!r})"] if missing else []) + \
                 ([f"{len(extra)} id(s) are not in {pred} (e.g. {extra[0]!r})"] if extra else [])
-        raise TaskError(f"{blank}: the blank-image predictions must answer the same questions: " + "; ".join(parts))
+        raise TaskError(f"{blank}: the {what} must answer the same questions: " + "; ".join(parts))
     paired = []
     for row in rows:
         other = by_id[str(row["id"])]
@@ -85,7 +91,8 @@ def _pair_blank(rows: list[dict[str, Any]], blank_rows: list[dict[str, Any]], pr
 
 
 def evaluate(task: str | Task, predictions: str, *, protocol: str | None = None, blank: str | None = None,
-             image_dir: str | None = None) -> EvalResult:
+             image_dir: str | None = None, bootstrap: int = 0, seed: int = 0, level: float = 95.0,
+             compare: str | None = None) -> EvalResult:
     """Score a `medm infer` predictions file with a task, overall and per group, optionally against blank images.
 
     Args:
@@ -94,6 +101,10 @@ def evaluate(task: str | Task, predictions: str, *, protocol: str | None = None,
         protocol: the task's scoring protocol (VQA tasks: "strict" or "llava-med"); None: the task's default.
         blank: predictions for the same questions made with blank images (`medm infer --blank-images`).
         image_dir: base directory of relative image paths (the grounding task reads image sizes).
+        bootstrap: resamples for the percentile intervals of every figure, overall and per group (0: none).
+        seed / level: the bootstrap's seed and confidence level in percent (`medm.eval.bootstrap`).
+        compare: another model's predictions for the same questions: paired differences (this - other), their
+            intervals and paired bootstrap p-values (`bootstrap` resamples, 1000 when 0).
 
     Raises:
         KeyError: unknown task (the message lists the known ones). ValueError: unknown protocol.
@@ -120,10 +131,29 @@ def evaluate(task: str | Task, predictions: str, *, protocol: str | None = None,
                                              task.score([blank_rows[i] for i in idx], protocol)
                                              if blank_rows is not None else None))
     result.notes = list(task.notes)
+    if bootstrap:
+        result.bootstrap = {"resamples": bootstrap, "seed": seed, "level": level, "method": "percentile"}
+        result.ci = bootstrap_ci(task.scorer(rows, protocol), len(rows), bootstrap, seed, level)
+        for g, (_, idx) in zip(result.groups, _group_indices(rows, task)):
+            g.ci = bootstrap_ci(task.scorer([rows[i] for i in idx], protocol), len(idx), bootstrap, seed, level)
+    if compare is not None:
+        other = _pair_blank(rows, task.prepare(load_predictions(compare), compare, image_dir), predictions, compare,
+                            "predictions to compare")
+        result.compare_predictions = compare
+        result.comparison = paired_comparison(task.scorer(rows, protocol), task.scorer(other, protocol), len(rows),
+                                              bootstrap or DEFAULT_RESAMPLES, seed, level)
     if blank is not None and not all(r.get("blank_images") for r in raw_blank):
         result.notes.append(f"{blank} does not mark every row `blank_images` (was it written by "
                             "`medm infer --blank-images`?).")
     return result
+
+
+def _group_indices(rows: list[dict[str, Any]], task: Task):
+    """(breakdown, row indices) per reported group, in the order `evaluate` adds the groups."""
+    for b in task.breakdowns:
+        if any(row.get(b.key) is not None for row in rows):
+            for idx in group_rows(rows, b).values():
+                yield b, idx
 
 
 def _with_blank(metrics: dict[str, Any], blank: dict[str, Any] | None) -> dict[str, Any]:
@@ -137,10 +167,12 @@ def metrics_json(result: EvalResult) -> dict[str, Any]:
     """The content of `metrics.json`: flat headline keys, `blank_*` keys, and `breakdown`."""
     breakdown: dict[str, dict[str, Any]] = defaultdict(dict)
     for g in result.groups:
-        breakdown[g.breakdown.key][g.group] = _with_blank(g.metrics, g.blank)
+        breakdown[g.breakdown.key][g.group] = {**_with_blank(g.metrics, g.blank), "ci": g.ci}
     return {"task": result.task.name, "protocol": result.protocol, "predictions": result.predictions,
             "blank_predictions": result.blank_predictions,
             **{k: v for k, v in _with_blank(result.metrics, result.blank).items() if k != "protocol"},
+            "bootstrap": result.bootstrap, "ci": result.ci,
+            "compare_predictions": result.compare_predictions, "comparison": result.comparison,
             "breakdown": dict(breakdown)}
 
 
@@ -184,6 +216,31 @@ def reliance_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def _fmt_ci(ci: list[float] | None) -> str:
+    return "-" if not ci else f"{ci[0]:.2f} to {ci[1]:.2f}"
+
+
+def ci_table(result: EvalResult) -> str:
+    """Markdown table of each percentage column's interval: all questions, then each group."""
+    cols = [c for c in result.task.columns if c.percent]
+    lines = ["| group | " + " | ".join(c.header for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for (label, _, _), ci in zip(_rows(result), [result.ci] + [g.ci for g in result.groups]):
+        lines.append(f"| {label} | " + " | ".join(_fmt_ci((ci or {}).get(c.key)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(result: EvalResult) -> str:
+    """Markdown table of the paired comparison: each figure for both files, the difference, its interval, p."""
+    lines = ["| figure | this | other | difference | 95% interval | p |", "|---|---:|---:|---:|---:|---:|"]
+    for c in result.task.columns:
+        d = (result.comparison or {}).get(c.key)
+        if c.percent and d is not None:
+            p = "-" if d["p"] is None else f"{d['p']:.3f}"
+            lines.append(f"| {c.header} | {d['this']:.2f} | {d['other']:.2f} | {d['diff']:+.2f} | "
+                         f"{_fmt_ci(d['ci'])} | {p} |")
+    return "\n".join(lines)
+
+
 def render_markdown(result: EvalResult) -> str:
     """`report.md`: what was scored and how, the metrics table, and the image-reliance table with `blank`."""
     task, n = result.task, result.metrics.get("n")
@@ -198,6 +255,17 @@ def render_markdown(result: EvalResult) -> str:
                   f"The same questions answered with every image replaced by a blank one (`{result.blank_predictions}`"
                   "); change = blank - image. A model that uses the image loses accuracy without it; a change "
                   "near 0 means the answers come from the question alone.", "", reliance_table(result)]
+    if result.ci is not None:
+        b = result.bootstrap
+        lines += ["", f"## {b['level']:g}% confidence intervals", "",
+                  f"Percentile bootstrap over questions ({b['resamples']} resamples, seed {b['seed']}): the range "
+                  "in which the figure would fall on most test sets of this size drawn like this one.", "",
+                  ci_table(result)]
+    if result.comparison is not None:
+        lines += ["", "## Paired comparison", "",
+                  f"This file against `{result.compare_predictions}` on the same questions: difference = this - "
+                  "other; its interval and the two-sided p-value come from the paired bootstrap (the same "
+                  "resampled questions score both).", "", comparison_table(result)]
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,12 @@ class Task:
     def score(self, rows: list[dict[str, Any]], protocol: str) -> dict[str, Any]:
         """Flat metrics of prepared rows: percentages, counts, and `protocol`."""
         raise NotImplementedError
+
+    def scorer(self, rows: list[dict[str, Any]], protocol: str) -> Callable[[Sequence[int]], dict[str, Any]]:
+        """`indices -> metrics` of the prepared rows at those indices (repeats allowed), for the bootstrap
+        (`medm.eval.bootstrap`). The default re-scores the selected rows; tasks whose rows score independently
+        override it to score each row once and only re-aggregate."""
+        return lambda idx: self.score([rows[i] for i in idx], protocol)
 
     def protocol_note(self, protocol: str) -> str:
         """One sentence saying how `protocol` scores an answer."""

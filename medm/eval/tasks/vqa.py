@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from medm.eval.metrics import NO, YES, normalize_answer
-from medm.eval.protocols import CLOSED, OPEN, PROTOCOLS, score
+from medm.eval.protocols import CLOSED, OPEN, PROTOCOLS, aggregate, get_protocol, item_scores, score
 from medm.eval.tasks._base import Breakdown, Column, Task, TaskError, row_name
 from medm.registry import TASK
 
@@ -59,6 +59,10 @@ class VqaTask(Task):
 
     def score(self, rows, protocol):
         return score(rows, protocol)
+
+    def scorer(self, rows, protocol):
+        items, name = item_scores(rows, protocol), get_protocol(protocol).name
+        return lambda idx: aggregate([items[i] for i in idx], name)
 
     def protocol_note(self, protocol):
         return PROTOCOL_NOTES.get(protocol, "")
