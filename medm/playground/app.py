@@ -225,7 +225,8 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, *, max_fil
     Args:
         max_file_size: largest upload, bytes or e.g. "200mb" (gradio refuses bigger files before they reach us).
         concurrency: answers generated at once (each a thread over the shared model); more requests queue.
-        allowed_paths: folders the page may serve files from besides its cache (the example images).
+        allowed_paths: files the page may serve besides its cache (the example images); a folder here would
+            serve everything in it to anyone reaching the port.
         block: wait until the server stops (False: return once it is up, for tests and notebooks).
     """
     app.queue(default_concurrency_limit=concurrency)

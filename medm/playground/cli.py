@@ -96,8 +96,9 @@ def serve(args: argparse.Namespace) -> int:
             # `kill` ends the server like Ctrl-C, so the temp dir is removed.
             signal.signal(signal.SIGTERM, _interrupt)
         print(f"medm playground: {model_dir} on http://{args.host}:{args.port}", flush=True)
+        # The example files themselves, never their folders: anyone reaching the port may ask for any path.
         launch(app, args.host, args.port, max_file_size=args.max_file_size, concurrency=args.concurrency,
-               allowed_paths=sorted({os.path.dirname(os.path.abspath(e.image)) for e in examples}))
+               allowed_paths=sorted({os.path.abspath(e.image) for e in examples}))
     finally:
         shutil.rmtree(own, ignore_errors=True)
     return 0

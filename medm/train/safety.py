@@ -9,9 +9,10 @@
 - **Stop signals.** `RunGuard` turns the signals in `train.stop_signals` (SIGTERM by default: what Slurm,
   Kubernetes and `kill` send before killing a job) into "finish this step, save checkpoint-N, stop". Under torchrun
   or DeepSpeed the ranks agree on the step to stop at (one small all-reduce per optimizer step). DataLoader
-  workers ride out the first stop signal (a scheduler signals the whole process group, and torch's own handler
-  would end a worker, which ends the run before the save); a second one, or `WORKER_GRACE_S` seconds after the
-  first, ends them.
+  workers ride out a stop signal only while the main process is saving and stopping (a scheduler signals the
+  whole process group, and a dead worker would end the run before the save); a second one, or `WORKER_GRACE_S`
+  seconds, ends them. Any other signal to a worker (torch and multiprocessing stop workers with SIGTERM after a
+  crash and at exit) ends it at once.
 - **Non-finite loss.** With `train.stop_on_nonfinite_loss`, the first NaN / Inf training loss stops the run at the
   end of that step, before anything is saved, so the last checkpoint holds the last good weights;
   `run_training` then raises `NonFiniteLossError` naming the step and that checkpoint.
@@ -22,11 +23,13 @@ See docs/reliability.md.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import signal
 import threading
+import time
 
 import torch
 from transformers import TrainerCallback
@@ -48,8 +51,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = "tmp-"
-# How long a DataLoader worker outlives a stop signal: enough for the main process to save and shut workers down.
+# How long a DataLoader worker outlives a stop signal during a stop-and-save: enough for the main process to save
+# and shut the workers down.
 WORKER_GRACE_S = 600
+# How long a worker signalled while the run is going on waits for the main process to say it is stopping (a
+# scheduler signals the whole process group at once; the main process's Python handler runs a moment later, after
+# the operation in progress). No word by then: the signal was meant for the worker alone, which ends.
+WORKER_SIGNAL_WAIT_S = 5.0
+# What the main process is doing, shared with its DataLoader workers in one byte (RunGuard.run_state).
+_RUNNING, _STOPPING, _DONE = 0, 1, 2
 _STAGING = re.compile(rf"^{re.escape(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR)}-\d+$")
 
 
@@ -145,24 +155,36 @@ def resolve_signal(name: str | int) -> signal.Signals:
 
 
 _worker_signals = 0
+_worker_run_state = None  # the main process's RunGuard.run_state, in a DataLoader worker
 
 
 def _worker_stop_signal(signum, frame) -> None:
+    """A stop signal in a DataLoader worker: ridden out while the main process saves and stops, else the end."""
     global _worker_signals
     _worker_signals += 1
-    if _worker_signals > 1:
-        os._exit(128 + signum)
-    signal.alarm(WORKER_GRACE_S)  # SIGALRM's default action ends the worker if nothing else has by then
+    state = _worker_run_state
+    if _worker_signals == 1 and state is not None:
+        deadline = time.monotonic() + WORKER_SIGNAL_WAIT_S
+        while state.value == _RUNNING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if state.value == _STOPPING:
+            signal.alarm(WORKER_GRACE_S)  # SIGALRM's default action ends the worker if nothing else has by then
+            return
+    os._exit(128 + signum)
 
 
 class _WorkerInit:
-    """A DataLoader `worker_init_fn` that makes the worker ride out the first stop signal, then runs the original."""
+    """A DataLoader `worker_init_fn` that lets the worker ride out a stop signal while the main process saves and
+    stops (`run_state`), then runs the original."""
 
-    def __init__(self, inner, signals):
+    def __init__(self, inner, signals, run_state=None):
         self.inner = inner
         self.signals = [int(s) for s in signals]
+        self.run_state = run_state
 
     def __call__(self, worker_id: int) -> None:
+        global _worker_run_state
+        _worker_run_state = self.run_state
         for sig in self.signals:
             signal.signal(sig, _worker_stop_signal)
         if self.inner is not None:
@@ -191,6 +213,8 @@ class RunGuard(TrainerCallback):
         self.saved_step: int | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._pid = os.getpid()
+        # Shared with the DataLoader workers (inherited when forked, pickled when spawned): running, stopping, done.
+        self.run_state = multiprocessing.RawValue("b", _RUNNING)
 
     # ---- signal handlers, installed around trainer.train() ----------------------------------------------------
     def install(self) -> None:
@@ -200,10 +224,14 @@ class RunGuard(TrainerCallback):
                 logger.info("not in the main thread: stop signals keep their default handlers")
             return
         self._pid = os.getpid()
+        self.run_state.value = _RUNNING
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
+        """Put the previous handlers back: training is over (finished, stopped or crashed), so a stop signal now
+        ends the DataLoader workers at once."""
+        self.run_state.value = _DONE
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -216,6 +244,7 @@ class RunGuard(TrainerCallback):
             # Only a flag here: the step in progress finishes, then on_step_end asks the Trainer to save and stop.
             logger.warning("received %s: saving a checkpoint at the end of this step, then stopping", name)
         self.signal_name = name
+        self.run_state.value = _STOPPING  # the workers now ride out the signal the scheduler sent them too
 
     # ---- losses -----------------------------------------------------------------------------------------------
     def observe_loss(self, loss: torch.Tensor, step: int) -> None:
@@ -238,6 +267,7 @@ class RunGuard(TrainerCallback):
             stop, nan = bool(flags[0]), bool(flags[1])
             if stop and self.signal_name is None:
                 self.signal_name = "a stop signal on another rank"
+                self.run_state.value = _STOPPING
             if nan and self.nonfinite is None:
                 self.nonfinite = (-1, float("nan"))  # the step is in the log of the rank that saw it
         return stop, nan
@@ -250,7 +280,7 @@ class RunGuard(TrainerCallback):
             loader = loader.base_dataloader
         if self.signals and loader is not None and getattr(loader, "num_workers", 0) > 0 and \
                 not isinstance(loader.worker_init_fn, _WorkerInit):
-            loader.worker_init_fn = _WorkerInit(loader.worker_init_fn, self.signals)
+            loader.worker_init_fn = _WorkerInit(loader.worker_init_fn, self.signals, self.run_state)
 
     def on_step_end(self, args, state, control, **kwargs):
         stop, nan = self._agree(args)
