@@ -1,6 +1,9 @@
 """MedMNIST v2 (Yang et al. 2023) `.npz` files to classification-as-VQA records.
 
-`medm data build medmnist --src pneumoniamnist.npz --flag pneumoniamnist --out data/pneumoniamnist [--limit 200]`
+`medm data build medmnist --src pneumoniamnist.npz --out data/pneumoniamnist [--flag pneumoniamnist] [--limit 200]`
+
+Without `--flag` (and `--labels`), the flag is the file's name as MedMNIST publishes it: `breastmnist.npz`,
+`organmnist3d_64.npz` (MedMNIST+ sizes) -> breastmnist, organmnist3d.
 
 Source layout: one `.npz` per dataset with `{split}_images` and `{split}_labels` for split in train / val / test.
 Images are (N, H, W) grey or (N, H, W, 3) colour for 2D sets, (N, D, H, W) for 3D sets; labels are (N, 1) or (N,)
@@ -25,6 +28,7 @@ YAML list, for names holding commas) replaces them, and `--question` replaces th
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +149,12 @@ def _resolve_info(flag: str | None, labels: Any, dim: int | None, multi_label: b
     return MedMnistInfo(names, "What does this image show?", dim, bool(multi_label))
 
 
+def flag_of(src: str) -> str | None:
+    """The MedMNIST flag a file is named after, as published (`breastmnist.npz`, `organmnist3d_64.npz`), or None."""
+    stem = re.sub(r"_\d+$", "", os.path.basename(src).removesuffix(".npz").lower())
+    return stem if stem in MEDMNIST else None
+
+
 def _write_sample(array: np.ndarray, info: MedMnistInfo, out: str, rel: str, where: str) -> None:
     path = os.path.join(out, rel)
     if info.dim == 3:
@@ -174,7 +184,8 @@ def build_medmnist(out: str, src: str, flag: str | None = None, labels: Any = No
         out: output directory (created).
         src: the `.npz` file (e.g. `pneumoniamnist.npz`, `organmnist3d_64.npz`).
         flag: MedMNIST dataset flag (a key of `MEDMNIST` here: pneumoniamnist, chestmnist, organmnist3d, ...);
-            picks the label names, question, dimensionality and task.
+            picks the label names, question, dimensionality and task. Default (without `labels`): the file name's
+            (`breastmnist.npz`, `organmnist3d_64.npz`) when it is a known flag.
         labels: class names in label order, replacing the flag's (comma-separated or a YAML list).
         question: question stem replacing the flag's; the options and answering rule are appended.
         splits: splits to convert (comma-separated or a list); each needs `{split}_images` / `{split}_labels`.
@@ -188,6 +199,8 @@ def build_medmnist(out: str, src: str, flag: str | None = None, labels: Any = No
     Raises:
         FileNotFoundError: no such `.npz`. SourceError: missing arrays, shape mismatches, out-of-range labels.
     """
+    if flag is None and labels is None:
+        flag = flag_of(src)
     info = _resolve_info(flag, labels, dim, multi_label)
     name = flag or "medmnist"
     if not os.path.isfile(src):

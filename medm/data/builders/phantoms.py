@@ -83,6 +83,12 @@ def _caption(lesions: list[Lesion]) -> str:
 def build_phantoms(out: str, n_train: int = 4000, n_test: int = 200, size: int = 64, seed: int = 0) -> dict[str, str]:
     """Write `images/*.png`, `train.json`, `test.json` (VQA records) and `captions.json` (pretrain records).
 
+    Args:
+        out: output directory (created).
+        n_train, n_test: number of training / test images (each gives several questions).
+        size: image side in pixels.
+        seed: random seed; the same seed writes the same data.
+
     Returns the written file paths by role. Test images are drawn after train images from the same seed,
     so no test image appears in training.
     """

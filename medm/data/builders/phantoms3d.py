@@ -129,6 +129,9 @@ def build_phantoms3d(out: str, n_train: int = 2000, n_test: int = 200,
     `captions.json` (pretrain records).
 
     Args:
+        out: output directory (created).
+        n_train, n_test: number of training / test volumes (each gives several questions).
+        seed: random seed; the same seed writes the same data.
         shape: volume size (D, H, W), D >= 9 so each third holds a lesion. The default suits the demo model
             (configs/model/tiny-demo3d.yaml): 8x8x8 patches, three per depth, one per third.
 

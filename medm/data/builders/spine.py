@@ -402,5 +402,13 @@ def write_synthetic_spine(root: str, splits: dict[str, int] | None = None, n_sli
 def build_spine_synthetic(out: str, n_train: int = 8, n_dev: int = 2, n_test: int = 2, n_slices: int = 8,
                           size: int = 64, seed: int = 0) -> dict[str, str]:
     """A synthetic spine label set in the challenge schema (docs/spine_labels.md), for trying the spine pipeline:
-    `medm data build spine-synthetic --out d && medm data build spine --src d --out d/records`."""
+    `medm data build spine-synthetic --out d && medm data build spine --src d --out d/records`.
+
+    Args:
+        out: output directory (created): the label files and the image folders.
+        n_train, n_dev, n_test: studies per split.
+        n_slices: slices per series.
+        size: slice side in pixels.
+        seed: random seed; the same seed writes the same data.
+    """
     return write_synthetic_spine(out, {"train": n_train, "dev": n_dev, "test": n_test}, n_slices, size, seed)

@@ -5,9 +5,27 @@
   plus a reader of each benchmark's published file (`medm infer --layout NAME`) and its own breakdowns and notes.
 - `report`: report generation (ROUGE, BLEU). `grounding`: box answers (IoU, Acc@0.5). `spine`: the lumbar spine
   MRI tasks of `medm data build spine`.
+- Multiple choice, scored by each benchmark's own rule (`medm.eval.choice`): `omnimedvqa`, `pmc-vqa`, `medxpertqa`,
+  `mmmu`, `m3d-vqa-closed`. Text: `iu-xray`, `report-zh` (by character), `m3d-vqa-open`, `m3d-cap`. `flare25`.
 """
 
-from medm.eval.tasks import grounding, pathvqa, report, slake, spine, vqa, vqa_rad  # noqa: F401  (registers them)
+from medm.eval.tasks import (  # noqa: F401  (registers them)
+    flare25,
+    grounding,
+    iu_xray,
+    m3d,
+    medxpertqa,
+    mmmu,
+    omnimedvqa,
+    pathvqa,
+    pmc_vqa,
+    report,
+    report_zh,
+    slake,
+    spine,
+    vqa,
+    vqa_rad,
+)
 from medm.eval.tasks._base import Breakdown, Column, Task, TaskError
 
 __all__ = ["Breakdown", "Column", "Task", "TaskError"]
