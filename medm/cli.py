@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each module defines `add_parsers(subparsers)` that adds its commands with `set_defaults(func=...)`.
 _SUBCOMMAND_MODULES: list[str] = ["medm.data.cli", "medm.train.cli", "medm.demo", "medm.infer.cli", "medm.eval.cli",
-                                   "medm.interop.cli", "medm.playground.cli", "medm.estimate"]
+                                   "medm.interop.cli", "medm.playground.cli", "medm.estimate",
+                                   "medm.serve.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

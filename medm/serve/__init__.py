@@ -1,0 +1,19 @@
+"""A trained model for a person at a terminal (`medm chat`) or for programs over HTTP (`medm serve`, an
+OpenAI-compatible API). Both go through `medm.infer.Predictor`; names load on first use, so `medm.cli` builds its
+parser without importing torch.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "ChatLoop": "medm.serve.chat", "build_app": "medm.serve.api", "Batcher": "medm.serve._batcher",
+    "RequestError": "medm.serve._requests",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medm.serve' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
