@@ -146,3 +146,44 @@ def test_3d_volumes_as_data_url_and_path(serve_app, ckpt3d, media):
         model="tiny", messages=user("Any lesion?", path), stream=True) if c.choices[0].delta.content]
     assert "".join(pieces) == want
     assert httpx.get(srv.url.replace("/v1", "/health")).json()["in_flight"] == 0
+
+
+@pytest.mark.slow
+def test_medm_serve_command_answers_and_stops_on_sigterm(ckpt2d, media, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "medm.cli", "serve", "--model", str(ckpt2d), "--port",
+                                 str(port), "--device", "cpu", "--max-new-tokens", "8"], cwd=REPO, env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        name = ckpt2d.name  # the model id defaults to the checkpoint folder's name
+        assert [m.id for m in client.models.list()] == [name]
+        pic = {"type": "image_url", "image_url": {"url": data_url(media["png"])}}
+        out = client.chat.completions.create(model=name, messages=user("Is there a lesion?", pic))
+        from medm.infer import Predictor
+
+        assert out.choices[0].message.content == expected(Predictor.from_pretrained(str(ckpt2d)), "Is there a lesion?",
+                                                          image=media["png"])
+    finally:
+        proc.terminate()
+        code = proc.wait(30)
+    # uvicorn shuts down gracefully, then ends by the signal it caught (as a process killed by it would).
+    assert code in (0, -15) and "Traceback" not in log.read_text(), log.read_text()
+    assert f"on http://127.0.0.1:{port}/v1" in log.read_text()
