@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from medm._docstrings import docstring_args
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "config_reference.md"
 COMMAND = "python scripts/gen_config_reference.py"
@@ -72,35 +74,6 @@ def _cell(text: str) -> str:
 def _type_name(tp: Any) -> str:
     text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
     return text.replace("typing.", "").replace("NoneType", "None")
-
-
-def docstring_args(obj: Any) -> dict[str, str]:
-    """`name -> text` from the `Args:` (or `Attributes:`) section of a Google-style docstring.
-
-    An entry may name several parameters (`in_dim, out_dim: ...`); continuation lines are joined.
-    """
-    doc = inspect.getdoc(obj) or ""
-    found: dict[str, str] = {}
-    lines = doc.splitlines()
-    in_section, current = False, []
-    for line in lines:
-        if re.match(r"^(Args|Arguments|Attributes):\s*$", line):
-            in_section, current = True, []
-            continue
-        if not in_section:
-            continue
-        if line and not line.startswith(" "):  # the section ended
-            in_section = False
-            continue
-        entry = re.match(r"^ {4}([A-Za-z_][\w, ]*?):\s*(.*)$", line)
-        if entry:
-            current = [n.strip() for n in entry.group(1).split(",")]
-            for name in current:
-                found[name] = entry.group(2).strip()
-        elif line.startswith(" " * 8) and current:
-            for name in current:
-                found[name] = (found[name] + " " + line.strip()).strip()
-    return found
 
 
 def _first_paragraph(obj: Any) -> str:

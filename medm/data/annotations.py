@@ -52,11 +52,14 @@ class RecordError(ValueError):
 
 
 FAILURE_KINDS = {
+    "invalid_json": "a JSONL line that is not valid JSON (e.g. torn by a killed writer)",
     "schema": "not a record: wrong or missing keys / types",
     "empty_conversation": "no turns, or a turn with empty text",
     "bad_turn_order": "roles do not alternate human / gpt from a human turn",
     "ends_on_human": "training record whose last turn is human (nothing to learn after it)",
     "placeholder_mismatch": "<image> / <image3d> placeholders do not match the image / volume lists",
+    "special_token": "an answer holds a chat control token such as <|im_end|> or </s> (medm data validate)",
+    "duplicate_id": "a second record with an id already used (medm data validate)",
     "missing_file": "an image or volume file does not exist",
     "corrupt_image": "an image file does not decode",
 }
@@ -127,31 +130,92 @@ def resolve_path(path: str, image_dir: str | None) -> str:
 
 
 # ---- reading files --------------------------------------------------------------------------------------------
-def read_json_records(path: str) -> list[Any]:
-    """The raw items of a JSON list file or a JSONL file (one object per non-empty line).
+@dataclass
+class InvalidLine:
+    """A JSONL line that does not decode (e.g. torn by a killed writer); the rest of the file stays readable."""
+
+    lineno: int
+    message: str
+
+
+def read_text(path: str) -> str:
+    """The text of an annotation file: UTF-8 (a byte-order mark is dropped), or UTF-16 / UTF-32 (found by their
+    byte-order mark or zero bytes, as `json.loads` does for bytes).
 
     Raises:
-        AnnotationError: unreadable JSON, naming the file, line and column; or a top level that is not a list.
+        AnnotationError: no such file, or bytes that are not text in that encoding (naming line and column).
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise AnnotationError(f"annotation file not found: {path}") from None
+    except IsADirectoryError:
+        raise AnnotationError(f"annotation file {path} is a directory") from None
+    encoding = json.detect_encoding(data)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - data.rfind(b"\n", 0, e.start)
+        raise AnnotationError(f"{path}:{line}:{col}: not {encoding.upper().replace('-SIG', '')} text (byte "
+                              f"0x{data[e.start]:02x}): save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 "
+                              f"{os.path.basename(path)} > fixed.json` for a Latin-1 file") from None
+
+
+def _decode(text: str) -> Any:
+    """`json.loads`, with nesting too deep for Python's parser as a JSONDecodeError (not a RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply (thousands of [ or {)", text, 0) from None
+
+
+def _read_items(path: str, keep_torn: bool) -> list[Any]:
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            items = _decode(text)
         except json.JSONDecodeError as e:
             raise AnnotationError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
         if not isinstance(items, list):
             raise AnnotationError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
         return items
+    lines = text.splitlines()
+    if len([ln for ln in lines if ln.strip()]) > 1:
+        # One JSON value over several lines is a whole document, not JSONL: say what it is rather than
+        # reporting its first line as a broken JSONL line.
+        try:
+            whole = _decode(text)
+        except json.JSONDecodeError:
+            pass
+        else:
+            what = f"object (keys: {', '.join(map(str, list(whole)[:8]))})" if isinstance(whole, dict) else \
+                type(whole).__name__
+            raise AnnotationError(f"{path}: expected a JSON list of records or JSONL (one record per line), got one "
+                                  f"JSON {what} over {len(lines)} lines")
     items = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            items.append(_decode(line))
         except json.JSONDecodeError as e:
-            raise AnnotationError(f"{path}:{lineno}:{e.colno}: invalid JSON (JSONL line): {e.msg}") from None
+            message = f"line {lineno}, column {e.colno}: invalid JSON (JSONL line): {e.msg}"
+            if not keep_torn:
+                raise AnnotationError(f"{path}:{lineno}:{e.colno}: invalid JSON (JSONL line): {e.msg}") from None
+            items.append(InvalidLine(lineno, message))
     return items
+
+
+def read_json_records(path: str) -> list[Any]:
+    """The raw items of a JSON list file or a JSONL file (one object per non-empty line).
+
+    Raises:
+        AnnotationError: unreadable JSON, naming the file, line and column; a top level that is not a list
+            (or JSONL); a file that is missing or not UTF-8 / UTF-16 / UTF-32 text.
+    """
+    return _read_items(path, keep_torn=False)
 
 
 def _as_paths(value: Any, key: str, rid: str) -> list[str]:
@@ -258,9 +322,17 @@ def parse_record(raw: Any, default_id: str, *, for_training: bool | None = None)
 
 
 def iter_file(path: str, *, for_training: bool | None = None):
-    """Yield `(raw, Record | RecordError)` for every item of one file, never stopping at a bad record."""
+    """Yield `(raw, Record | RecordError)` for every item of one file, never stopping at a bad record; a JSONL
+    line that does not decode is a bad record of kind `invalid_json` (raw: an `InvalidLine`).
+
+    Raises:
+        AnnotationError: a file that cannot be read as a whole (see `read_json_records`).
+    """
     name = os.path.basename(path)
-    for i, raw in enumerate(read_json_records(path)):
+    for i, raw in enumerate(_read_items(path, keep_torn=True)):
+        if isinstance(raw, InvalidLine):
+            yield raw, RecordError(f"{name}:{i}", "invalid_json", f"{path} {raw.message}")
+            continue
         try:
             yield raw, parse_record(raw, f"{name}:{i}", for_training=for_training)
         except RecordError as e:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medm.data.annotations import (
     FAILURE_KINDS,
@@ -28,6 +29,9 @@ from medm.data.annotations import (
     write_json_records,
     write_records,
 )
+
+if TYPE_CHECKING:
+    from medm.data._media import ModelMedia
 
 
 @dataclass
@@ -43,10 +47,11 @@ class ValidationReport:
         return self.total - len(self.good)
 
 
-def check_files(record: Record, image_dir: str | None = None, decode: bool = True) -> list[RecordError]:
-    """Missing or undecodable media of one record (every file is checked; nothing stops at the first)."""
-    from medm.data.images import verify_image
-    from medm.data.volumes import verify_volume
+def check_files(record: Record, image_dir: str | None = None, decode: bool = True,
+                media: ModelMedia | None = None) -> list[RecordError]:
+    """Missing or undecodable media of one record (every file is checked; nothing stops at the first); with a
+    model's `media`, media its preprocessing (as training applies it) fails on."""
+    from medm.data._media import check_media
 
     errors = []
     for key, paths in (("image", record.image), ("image3d", record.image3d)):
@@ -57,24 +62,50 @@ def check_files(record: Record, image_dir: str | None = None, decode: bool = Tru
                 errors.append(RecordError(record.id, "missing_file", f"{key} file {full!r} does not exist"))
             elif decode:
                 try:
-                    (verify_image if key == "image" else verify_volume)(full)
+                    check_media(key, full, media, record.extra.get("modality"))
                 except (ValueError, OSError) as e:
                     errors.append(RecordError(record.id, "corrupt_image", str(e)))
     return errors
 
 
+# Chat-format control tokens of the common templates (ChatML / Qwen / Llama 3 / Phi `<|...|>`, Llama 2 / Mistral,
+# Gemma). In an answer they end the turn early or make training refuse the record (its rendering no longer splits
+# exactly); no tokenizer is needed to spot them.
+CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<(?:unk|pad|bos|eos|start_of_turn|end_of_turn)>|\[/?INST\]"
+                           r"|<</?SYS>>")
+
+
+def check_text(record: Record) -> list[RecordError]:
+    """Chat control tokens written in an answer (gpt turn) of one record."""
+    for i, t in enumerate(record.conversations):
+        found = CONTROL_TOKEN.findall(t["value"]) if t["from"] == "gpt" else []
+        if found:
+            return [RecordError(record.id, "special_token", f"turn {i} (gpt) holds chat control token(s) "
+                                                            f"{', '.join(dict.fromkeys(found))}")]
+    return []
+
+
 def validate_files(paths: list[str], image_dir: str | None = None, for_training: bool = True,
-                   decode: bool = True) -> ValidationReport:
-    """Check every record of every file: schema, turns, placeholders, and that each media file exists and decodes.
+                   decode: bool = True, media: ModelMedia | None = None) -> ValidationReport:
+    """Check every record of every file: schema, turns, placeholders, control tokens in answers, unique ids, and
+    that each media file exists and decodes. The first record of an id is kept; later ones are `duplicate_id`.
 
     Raises:
         AnnotationError: a file that is not valid JSON / JSONL (names file, line and column).
     """
     report = ValidationReport()
+    first: dict[str, str] = {}  # id -> where it was first seen
     for path in paths:
-        for raw, rec in iter_file(path, for_training=for_training):
+        for i, (raw, rec) in enumerate(iter_file(path, for_training=for_training)):
             report.total += 1
-            errors = [rec] if isinstance(rec, RecordError) else check_files(rec, image_dir, decode)
+            if isinstance(rec, RecordError):
+                errors = [rec]
+            else:
+                errors = check_text(rec) + check_files(rec, image_dir, decode, media)
+                if rec.id in first:
+                    errors.insert(0, RecordError(rec.id, "duplicate_id", f"{path} item {i} repeats the id of "
+                                                                         f"{first[rec.id]} (ids must be unique)"))
+                first.setdefault(rec.id, f"{path} item {i}")
             for kind in dict.fromkeys(e.kind for e in errors):
                 report.failures[kind].append(next(e for e in errors if e.kind == kind))
             if not errors:
@@ -95,12 +126,20 @@ def _print_report(report: ValidationReport, paths: list[str], max_ids: int = 20)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from medm.data._media import load_model_media
+
     try:
+        media = load_model_media(args.model) if args.model else None
         report = validate_files(args.files, args.image_dir, for_training=not args.inference,
-                                decode=not args.no_decode)
-    except (AnnotationError, OSError) as e:
+                                decode=not args.no_decode, media=media)
+    except (AnnotationError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if media is not None and not args.no_decode:
+        print(f"media checked through the preprocessing of {args.model} (as its training reads them)")
+    elif not args.no_decode:
+        print("media checked for decoding only; pass --model CONFIG_OR_CHECKPOINT to apply a model's preprocessing "
+              "(its volume: settings, sizes), so that what validates is what trains")
     _print_report(report, args.files)
     if args.write_clean:
         write_json_records(args.write_clean, report.good)
@@ -142,16 +181,44 @@ def builder_kwargs(builder, options: list[str]) -> dict[str, Any]:
     return kwargs
 
 
+def builder_help(name: str, builder) -> str:
+    """`medm data build NAME --help`: the builder's options from its signature, described by its docstring."""
+    from medm._docstrings import docstring_args
+
+    doc = inspect.getdoc(builder) or ""
+    texts = docstring_args(builder)
+    parser = argparse.ArgumentParser(
+        prog=f"medm data build {name}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=doc.split("\n\n")[0] + "\n\nValues are read as YAML: numbers, true / false, null, lists [a, b].")
+    for p, param in inspect.signature(builder).parameters.items():
+        required = param.default is inspect.Parameter.empty
+        text = texts.get(p, "")
+        default = param.default
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else \
+            str(list(default) if isinstance(default, tuple) else default)
+        text += " (required)" if required else f" (default: {shown})"
+        parser.add_argument("--" + p.replace("_", "-"), metavar=p.upper(), required=required,
+                            help=text.strip().replace("%", "%%"))
+    return parser.format_help()
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from medm.registry import BUILDER
 
     try:
         builder = BUILDER.get(args.name)
+        if "-h" in args.options or "--help" in args.options:
+            print(builder_help(args.name, builder), end="")
+            return 0
         kwargs = builder_kwargs(builder, args.options)
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    written = builder(**kwargs)
+    try:
+        written = builder(**kwargs)
+    except (ValueError, OSError) as e:  # SourceError included: the message names the file, row and field
+        print(f"error: medm data build {args.name}: {e}", file=sys.stderr)
+        return 2
     for role, path in (written or {}).items():
         print(f"{role}: {path}")
     return 0
@@ -183,6 +250,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                                                         "else a JSON list) and exit 0")
     v.add_argument("--inference", action="store_true", help="records are prompts: a final human turn is fine")
     v.add_argument("--no-decode", action="store_true", help="only check that image files exist (faster)")
+    v.add_argument("--model", metavar="CONFIG_OR_CHECKPOINT", help="apply this model's 2D and 3D preprocessing to "
+                                                                   "every file (model or train YAML, or checkpoint)")
     v.set_defaults(func=_cmd_validate)
     c = sub.add_parser("convert", help="convert between the LLaVA (internal) and ShareGPT (LLaMA-Factory) layouts")
     c.add_argument("--to", required=True, choices=["sharegpt", "llava"], help="layout to write")
@@ -191,7 +260,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_convert)
     b = sub.add_parser("build", help="run a registered data builder (`medm list` shows them)",
                        description="Write a data source as conversation records: medm data build NAME --out DIR "
-                                   "[--option value ...]; the options are the builder's arguments.")
+                                   "[--option value ...]; the options are the builder's arguments, listed by "
+                                   "medm data build NAME --help.")
     b.add_argument("name", help="builder name, e.g. phantoms, vqa-rad")
     b.add_argument("options", nargs=argparse.REMAINDER, help="--out DIR and other --option value pairs")
     b.set_defaults(func=_cmd_build)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from medm.infer.generate import GenerationSettings
@@ -27,10 +28,25 @@ def _records(args: argparse.Namespace):
     return TASK.build(args.layout).load_source(args.data)
 
 
+def _same_file(a: str, b: str) -> bool:
+    """One file under two names: the same resolved path (links, `./`), or the same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
     from medm.infer.predictions import run_inference
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    if _same_file(args.out, args.data):
+        # Opening --out for writing (or --resume's repair of its last line) would destroy the questions.
+        print(f"error: --out {args.out} is the --data file {args.data}; write the predictions to another file",
+              file=sys.stderr)
+        return 2
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, num_beams=args.num_beams)
     try:

@@ -68,10 +68,16 @@ def test_validate_inference_mode_accepts_prompts(tmp_path, capsys):
 
 
 def test_validate_bad_json_names_line_and_column(tmp_path, capsys):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"id": "a", "conversations": []},\n{"id": "b", conversations: []}]\n')
+    assert main(["data", "validate", str(path)]) == 2
+    assert "broken.json:2:13: invalid JSON" in capsys.readouterr().err
+    # A JSONL line is one record: a bad one is counted and named, and the other lines are still checked.
     path = tmp_path / "broken.jsonl"
     path.write_text('{"id": "a", "conversations": []}\n{"id": "b", conversations: []}\n')
-    assert main(["data", "validate", str(path)]) == 2
-    assert "broken.jsonl:2:13: invalid JSON" in capsys.readouterr().err
+    assert main(["data", "validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "broken.jsonl line 2, column 13: invalid JSON" in out and "empty_conversation: 1" in out
 
 
 def test_convert_round_trip(tmp_path, capsys):

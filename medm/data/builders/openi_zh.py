@@ -64,7 +64,8 @@ def build_openi_zh(out: str, src: str, annotation: str = "openi-zh.json", image_
         src: the folder holding the annotation file and the images folder.
         annotation: the annotation file inside `src`.
         image_folder / image_ext: where `<image_id><ext>` images are, inside `src`.
-        test_ratio: share of studies that go to test.json; seed: the shuffle's seed.
+        test_ratio: share of studies that go to test.json.
+        seed: the shuffle's seed.
         prompt: the instruction (a record array's own `prompt` wins when it has one).
         check_images_exist: fail, naming the records, when an image file is missing.
     """
