@@ -150,7 +150,15 @@ class SkipsBadSamples:
                     return self._item(j)
                 except self.load_errors as e:
                     self.mark_bad(j, e)
+                except MemoryError:
+                    # A file too big for this machine (a decompression or aspect-ratio bomb) costs one sample too.
+                    self.mark_bad(j, MemoryError(f"out of memory while loading {self._media_files(j)}"))
             j = self._substitute(i)
+
+    def _media_files(self, j: int) -> str:
+        record = self.samples[j].record
+        files = [*(getattr(record, "image", None) or []), *(getattr(record, "image3d", None) or [])]
+        return ", ".join(repr(str(f)) for f in files) or "its media"
 
     def mark_bad(self, j: int, error: Exception) -> None:
         """Count sample `j` as bad (logged the first time).

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medm.data.images import DEFAULT_MAX_PIXELS
+
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
@@ -24,6 +26,8 @@ class ImagePreprocess:
         resize: `squash` (resize to H x W) or `pad` (pad to square with the mean colour first, as LLaVA's
             `pad` aspect mode, which keeps anatomy undistorted).
         resample: `bicubic` | `bilinear` | `nearest`.
+        max_pixels: largest square canvas `pad` may make (a 20000x1 image pads to 400 megapixels: an aspect-ratio
+            bomb that passes the file's own pixel limit); None: no limit.
     """
 
     image_size: tuple[int, int]
@@ -31,13 +35,25 @@ class ImagePreprocess:
     std: tuple[float, ...]
     resize: str = "squash"
     resample: str = "bicubic"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     @property
     def channels(self) -> int:
         return len(self.mean)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL image (any mode) -> (C, H, W) float32."""
+        """PIL image (any mode) -> (C, H, W) float32.
+
+        Raises:
+            ValueError: `pad` would make a canvas above `max_pixels` (checked before anything is allocated).
+        """
+        if self.resize == "pad":
+            w, h = image.size
+            side = max(w, h)
+            if self.max_pixels is not None and side * side > self.max_pixels:
+                raise ValueError(f"padding this {w}x{h} image to a square (vision.resize: pad) makes a {side}x{side} "
+                                 f"= {side * side:,} pixel canvas, above the limit of {self.max_pixels:,} (an "
+                                 "extreme aspect ratio; crop the image or use resize: squash)")
         mode = "L" if self.channels == 1 else "RGB"
         image = image.convert(mode)
         if self.resize == "pad":
