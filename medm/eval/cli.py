@@ -1,8 +1,10 @@
 """`medm eval`: score a `medm infer` predictions file with a task; write metrics.json and report.md, print the table.
+`medm bench`: a suite of tasks (infer + eval each) into one table (`medm.eval.bench`).
 
     medm eval --task vqa-rad --pred runs/eval/preds.jsonl --out runs/eval
     medm eval --task vqa-rad --pred preds.jsonl --blank preds_blank.jsonl --protocol llava-med --out runs/eval
     medm eval --task vqa-rad --pred a/preds.jsonl --compare b/preds.jsonl --bootstrap 1000 --seed 0 --out a
+    medm bench --suite radiology-vqa --model runs/finetune [--compare runs/bench/radiology-vqa/base]
 """
 
 from __future__ import annotations
@@ -28,6 +30,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from medm.config import ConfigError
+    from medm.eval.bench import load_suite, run_bench
+
+    try:
+        suite = load_suite(args.suite)
+        out = args.out or os.path.join("runs", "bench", suite.name,
+                                       os.path.basename(os.path.normpath(args.model)) or "model")
+        result = run_bench(suite, args.model, out, compare=args.compare, data_root=args.data_root,
+                           bootstrap=args.bootstrap, seed=args.seed, device=args.device, dtype=args.dtype,
+                           batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+    except (OSError, ValueError, KeyError, ConfigError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    with open(result.paths["markdown"], encoding="utf-8") as f:
+        print(f.read())
+    print(f"wrote {result.paths['markdown']} and {result.paths['csv']}")
+    return 0
+
+
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="score a predictions file: metrics.json, report.md",
@@ -49,3 +71,25 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--compare", default=None, help="another model's predictions for the same questions: adds the "
                                                    "paired difference of each figure, its interval and p-value")
     p.set_defaults(func=_cmd_eval)
+
+    b = subparsers.add_parser(
+        "bench", help="run a benchmark suite (infer + eval per task): one table of headline figures",
+        description="Runs every task of a suite (configs/bench/NAME.yaml, or a YAML path) with one model: "
+                    "OUT/<task>/preds.jsonl, metrics.json, report.md, then OUT/bench.md and OUT/bench.csv with "
+                    "each task's headline figure and 95%% interval. Running it again resumes (answered questions "
+                    "are kept). --compare adds another model's figures and the paired differences.")
+    b.add_argument("--suite", required=True, help="suite name (configs/bench/NAME.yaml) or a YAML file")
+    b.add_argument("--model", required=True, help="checkpoint directory")
+    b.add_argument("--out", default=None, help="bench folder (default runs/bench/<suite>/<model folder name>)")
+    b.add_argument("--compare", default=None, help="another model's bench folder for the same suite")
+    b.add_argument("--data-root", default=os.environ.get("MEDM_DATA_DIR"),
+                   help="directory the suite's relative data paths start from (default $MEDM_DATA_DIR, else as "
+                        "written)")
+    b.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    b.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    b.add_argument("--limit", type=int, default=None, help="answer at most N questions per task")
+    b.add_argument("--batch-size", type=int, default=None, help="questions per generate call (default: the suite's)")
+    b.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
+    b.add_argument("--dtype", default=None, help="bfloat16, float16, float32; default: the checkpoint's")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=_cmd_bench)
