@@ -1,12 +1,18 @@
-"""Load 3D volumes (NIfTI, NumPy, DICOM series) and preprocess them for a 3D encoder, with an optional disk cache.
+"""Load 3D volumes (NIfTI, MGH, Analyze, NRRD, MetaImage, NumPy, DICOM series) and preprocess them for a 3D
+encoder, with an optional disk cache.
 
-Sources, told apart by the path:
+Sources, told apart by the path (readers in `medm.data._volume_io`):
 
-- `.nii` / `.nii.gz`: NIfTI through MONAI's `NibabelReader` (any dtype or byte order; the header's scaling is
-  applied). The affine gives orientation and spacing.
+- `.nii` / `.nii.gz` (NIfTI), `.mgz` / `.mgh` (FreeSurfer), `.hdr` / `.img` (Analyze 7.5 or a NIfTI pair): nibabel,
+  any dtype or byte order, the header's scaling applied. The affine gives orientation and spacing. A file whose
+  qform and sform codes are both 0 (and every Analyze file) has no orientation: a warning names it and its axes
+  are taken as R, A, S. CIFTI-2 files and RGB / RGBA voxels are refused with a one-line reason.
+- `.nrrd` / `.nhdr` (NRRD), `.mha` / `.mhd` (MetaImage): SimpleITK; direction, spacing and origin give the affine
+  (ITK's LPS converted to RAS); vector / RGB pixels are refused.
 - `.npy`: a volume stored depth first, `(D, H, W)`, as MedM-VL and M3D keep them (uint8 already windowed, or raw
   HU); leading singleton axes such as M3D's `(1, D, H, W)` are dropped. A `.npy` has no geometry, so
-  `orientation` and `spacing` do not apply: the axes are used as stored. Loaded with `allow_pickle=False`.
+  `orientation`, `spacing` and `resample` do not apply: the axes are used as stored. Loaded with
+  `allow_pickle=False`.
 - a directory: one DICOM series (pydicom). Files that are not DICOM images (DICOMDIR, notes) are skipped. Slices
   are sorted along the slice normal by `ImagePositionPatient` (with `ImageOrientationPatient`), or by
   `InstanceNumber` when a slice lacks them (then spacing comes from `SliceThickness`, warned). Each slice's
@@ -14,17 +20,29 @@ Sources, told apart by the path:
   A folder with several series, slices of different sizes, or two slices at one position (a 4D series) is an
   error; a single multi-frame DICOM file is not supported.
 
+Every source's size is read from its header (NIfTI / NRRD / MetaImage header, `.npy` header, DICOM rows x columns
+x slices) and a volume above `max_voxels` is refused before its voxels are decoded. A singular or non-finite
+affine is an error naming the file.
+
 Steps of `VolumePreprocess` (settings: `VolumeArgs`):
 
-1. read as float32; a 4D array with a singleton 4th axis (NIfTI `(X, Y, Z, 1)`) is squeezed, a real 4D one
-   (time points, channels) is an error naming the file and shape.
+1. read as float32 (one copy; complex voxels by `complex`: magnitude with a warning, real, or refuse); a 4D array
+   with a singleton 4th axis (NIfTI `(X, Y, Z, 1)`) is squeezed, a real 4D one (time points, channels) is an error
+   naming the file and shape.
 2. non-finite voxels (NaN, +-Inf): `nonfinite: replace` (default) sets NaN and -Inf to the smallest finite voxel
    and +Inf to the largest, with a warning naming the file and the count, so one bad voxel does not end a long
    run; `nonfinite: error` raises instead. A volume with no finite voxel is always an error.
-3. `orientation` (MONAI `Orientation`, axis codes such as RAS) and `spacing` (MONAI `Spacing`, mm).
-4. intensity (`intensity`): `window` (clip a HU window to [0, 1]; default HU -1000..1000), `uint8` (x / 255 for
-   MedM-VL's uint8 volumes; values outside 0..255 are an error), `minmax` (per volume to [0, 1], optionally
-   between percentiles, for MR), `standardize` ((x - mean) / std), `none`.
+3. `resample: world` resamples an oblique or gantry-tilted volume onto an axis-aligned grid in world (RAS)
+   coordinates (trilinear, at the file's voxel sizes, outside filled with the volume's minimum); without it the
+   next step only permutes and flips axes, so a tilt stays in the voxels. Then `orientation` (MONAI
+   `Orientation`, axis codes such as RAS) and `spacing` (MONAI `Spacing`, mm).
+4. intensity (`intensity`, modes in `medm.data._intensity`): `auto` (CT -> the HU `window`; MR and other
+   modalities -> per-volume `auto_percentiles` to [0, 1]; the modality comes from the record's `modality` field,
+   else the DICOM Modality tag / MetaImage Modality / NIfTI description, else `modality`, else CT when a voxel
+   lies at or below -900), `window` (clip a HU window to [0, 1]; default HU -1000..1000; warns when the volume
+   holds no air), `uint8` (x / 255 for MedM-VL's uint8 volumes; values outside 0..255 are an error, non-integers
+   a warning), `minmax` (per volume to [0, 1], optionally between percentiles), `standardize` ((x - mean) / std),
+   `none`. Warnings name the file and come once per file.
 5. `crop_foreground`: crop to the box of voxels above `foreground_threshold` (MONAI `CropForeground`).
 6. depth first: the oriented axes (a, b, c) become (c, b, a), so with RAS the depth axis runs inferior ->
    superior, rows posterior -> anterior and columns patient left -> right. `orientation: LPS` gives the
@@ -39,7 +57,10 @@ Steps of `VolumePreprocess` (settings: `VolumeArgs`):
 9. channels: repeated to the encoder's channel count and normalised with its mean / std (slice-wise 2D
    encoders take 3-channel slices).
 
-Errors are `VolumeLoadError` (a ValueError) naming the file and the reason.
+Memory: steps 1-7 hold at most two full-size float32 copies at a time (intensity steps work in place).
+
+Errors are `VolumeLoadError` (a ValueError) naming the file and the reason, also for failures inside the
+preprocessing steps.
 """
 
 from __future__ import annotations
@@ -60,31 +81,35 @@ import numpy as np
 import torch
 
 from medm.config import arg, from_dict, to_dict
+from medm.data._intensity import INTENSITY_MODES, IntensityContext, register_intensity
+from medm.data._volume_io import (
+    COMPLEX_MODES,
+    DEFAULT_MAX_VOXELS,
+    NIFTI_SUFFIXES,
+    VOLUME_SUFFIXES,
+    VolumeHeader,
+    VolumeLoadError,
+    modality_name,
+    read_array,
+    read_header,
+)
 from medm.data.images import resolve_window
 
-__all__ = ["VolumeArgs", "VolumeLoadError", "VolumePreprocess", "read_volume", "verify_volume"]
+__all__ = ["DEFAULT_MAX_VOXELS", "INTENSITY_MODES", "NIFTI_SUFFIXES", "VOLUME_SUFFIXES", "VolumeArgs",
+           "VolumeLoadError", "VolumePreprocess", "read_volume", "read_volume_header", "register_intensity",
+           "verify_volume"]
 
 logger = logging.getLogger(__name__)
 
-INTENSITY_MODES = ("window", "uint8", "minmax", "standardize", "none")
 RESIZE_MODES = ("trilinear", "nearest", "area")
 NONFINITE = ("replace", "error")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+RESAMPLE_MODES = (None, "world")
 # Bump when the stored result of the same settings changes, so old cache files are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 # Settings that act after the cached steps, so they are not part of the cache key.
 _UNCACHED = ("cache_dir", "augment", "rot90_prob", "flip_prob", "scale_intensity", "shift_intensity",
              "intensity_prob")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-class VolumeLoadError(ValueError):
-    """A volume that cannot be loaded; the message names the file (or series folder) and the reason."""
-
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"cannot load volume {str(path)!r}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 @dataclass
@@ -99,8 +124,17 @@ class VolumeArgs:
                                          "RAS or LPS (radiological axial view); null: keep the file's axes")
     spacing: list | None = arg(None, "resample NIfTI / DICOM volumes to this voxel size in mm, depth first "
                                      "[D, H, W] (MONAI Spacing); null: keep the file's spacing")
-    intensity: str = arg("window", "window (HU window to [0, 1]), uint8 (x / 255, MedM-VL uint8 volumes), minmax "
-                                   "(per volume to [0, 1], for MR), standardize ((x - mean) / std), none")
+    resample: str | None = arg(None, "world: resample oblique / gantry-tilted NIfTI / DICOM volumes onto an "
+                                     "axis-aligned grid in world coordinates before orientation; null: keep the "
+                                     "voxel grid (a tilt stays in the voxels)")
+    intensity: str = arg("auto", "auto (CT: the HU window; MR and others: per-volume auto_percentiles to [0, 1]), "
+                                 "window (HU window to [0, 1]), uint8 (x / 255, MedM-VL uint8 volumes), minmax "
+                                 "(per volume to [0, 1]), standardize ((x - mean) / std), none; or a registered mode")
+    modality: str | None = arg(None, "for intensity: auto: the modality (CT, MR, ...) when neither the record's "
+                                     "`modality` field nor the file says; null: CT when a voxel is at or below -900 "
+                                     "(air in HU), else MR")
+    auto_percentiles: list = arg([0.5, 99.5], "for intensity: auto on MR and other non-CT volumes: the [low, high] "
+                                              "percentiles mapped to 0 and 1 (clipped outside)")
     window: Any = arg([0.0, 2000.0], "for intensity: window: [center, width] in HU or a preset name (lung, "
                                      "mediastinum, soft_tissue, liver, bone, brain, subdural); default HU "
                                      "-1000..1000")
@@ -112,6 +146,9 @@ class VolumeArgs:
     foreground_threshold: float = arg(0.0, "voxels above this value (after the intensity step) are foreground")
     crop_margin: int = arg(0, "voxels kept around the foreground box on every side")
     resize_mode: str = arg("trilinear", "interpolation to the encoder's size: trilinear, nearest, area")
+    complex: str = arg("magnitude", "complex voxels: magnitude (with a warning naming the file), real, or refuse")
+    max_voxels: int | None = arg(DEFAULT_MAX_VOXELS, "refuse volumes with more voxels than this (read from the "
+                                                     "header, before decoding); null: no limit")
     nonfinite: str = arg("replace", "NaN / Inf voxels: replace (by the smallest / largest finite voxel, with a "
                                     "warning) or error")
     cache_dir: str | None = arg(None, "store preprocessed volumes here (keyed by file path, mtime, size and these "
@@ -130,22 +167,29 @@ class VolumeArgs:
 
         for name, value, choices in (("intensity", self.intensity, INTENSITY_MODES),
                                      ("resize_mode", self.resize_mode, RESIZE_MODES),
-                                     ("nonfinite", self.nonfinite, NONFINITE)):
+                                     ("nonfinite", self.nonfinite, NONFINITE),
+                                     ("complex", self.complex, COMPLEX_MODES),
+                                     ("resample", self.resample, RESAMPLE_MODES)):
             if value not in choices:
-                bad(name, value, f"is not one of {', '.join(choices)}")
+                bad(name, value, f"is not one of {', '.join('null' if c is None else c for c in choices)}")
         if self.orientation is not None and (not isinstance(self.orientation, str) or len(self.orientation) != 3
                                              or set(self.orientation.upper()) - set("LRPAIS")):
             bad("orientation", self.orientation, "must be three axis codes such as RAS or LPS, or null")
         if self.spacing is not None and (len(self.spacing) != 3 or any(float(s) <= 0 for s in self.spacing)):
             bad("spacing", self.spacing, "must be three positive sizes in mm, depth first [D, H, W], or null")
-        if self.intensity == "window":
+        if self.intensity in ("window", "auto"):
             try:
                 resolve_window(self.window)
             except ValueError as e:
                 bad("window", self.window, f"is invalid: {e}")
-        lo, hi = (float(p) for p in self.percentiles)
-        if not 0 <= lo < hi <= 100:
-            bad("percentiles", self.percentiles, "must be [low, high] with 0 <= low < high <= 100")
+        for name in ("percentiles", "auto_percentiles"):
+            lo, hi = (float(p) for p in getattr(self, name))
+            if not 0 <= lo < hi <= 100:
+                bad(name, getattr(self, name), "must be [low, high] with 0 <= low < high <= 100")
+        if self.modality is not None and modality_name(self.modality) is None:
+            bad("modality", self.modality, "is not a modality code such as CT or MR")
+        if self.max_voxels is not None and int(self.max_voxels) < 1:
+            bad("max_voxels", self.max_voxels, "must be a positive voxel count or null")
         if self.intensity == "standardize" and (self.standardize is None or len(self.standardize) != 2
                                                 or float(self.standardize[1]) <= 0):
             bad("standardize", self.standardize, "must be [mean, std] with std > 0 for intensity: standardize")
@@ -164,164 +208,41 @@ def parse_volume_args(volume: VolumeArgs | dict | None, where: str = "volume") -
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+def read_volume_header(path: str | Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> VolumeHeader:
+    """The header of a volume (shape, affine, modality), read without decoding its voxels.
+
+    Raises:
+        VolumeLoadError: missing, empty, unsupported or unreadable source, CIFTI / RGB data, a singular affine, or
+            more voxels than `max_voxels`.
+    """
+    return read_header(Path(path), max_voxels)
 
 
-def read_volume(path: str | Path, nonfinite: str = "replace") -> tuple[np.ndarray, np.ndarray | None]:
+def read_volume(path: str | Path, nonfinite: str = "replace", *, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+                complex: str = "magnitude") -> tuple[np.ndarray, np.ndarray | None]:
     """Read a volume as float32 with non-finite voxels handled (steps 1-2 of the module docstring).
 
     Returns:
-        (array, affine): for NIfTI and DICOM, the array is in the file's voxel axes (X, Y, Z) and `affine` (4, 4)
+        (array, affine): except for `.npy`, the array is in the file's voxel axes (X, Y, Z) and `affine` (4, 4)
         maps them to RAS mm; for `.npy`, the array is (D, H, W) as stored and `affine` is None.
 
     Raises:
-        VolumeLoadError: missing, empty, unsupported or unreadable source, a real 4D or a 2D array, or (with
-            `nonfinite: error`) NaN / Inf voxels.
+        VolumeLoadError: as `read_volume_header`, and unreadable voxel data, a real 4D or a 2D array, complex
+            voxels with `complex: refuse`, or (with `nonfinite: error`) NaN / Inf voxels.
     """
-    path = Path(path)
-    if not path.exists():
-        raise VolumeLoadError(path, "file not found")
-    if path.is_dir():
-        array, affine = _read_dicom_series(path)
-    elif path.stat().st_size == 0:
-        raise VolumeLoadError(path, "file is empty (0 bytes)")
-    elif _is_nifti(path):
-        array, affine = _read_nifti(path)
-    elif path.suffix.lower() == ".npy":
-        array, affine = _read_npy(path), None
-    else:
-        raise VolumeLoadError(path, "unsupported volume format; use NIfTI (.nii, .nii.gz), NumPy (.npy, depth first) "
-                                    "or a folder holding one DICOM series")
-    return _replace_nonfinite(path, array, nonfinite), affine
+    array, header = _read(Path(path), nonfinite, max_voxels, complex)
+    return array, header.affine
 
 
-def verify_volume(path: str | Path) -> None:
-    """Raise VolumeLoadError unless `path` reads as a volume (used by data validation)."""
-    read_volume(path)
+def _read(path: Path, nonfinite: str, max_voxels: int | None, complex: str) -> tuple[np.ndarray, VolumeHeader]:
+    header = read_header(path, max_voxels)
+    array = read_array(header, complex)
+    return _replace_nonfinite(path, array, nonfinite), header
 
 
-def _to_3d(path: Path, array: np.ndarray, leading: bool) -> np.ndarray:
-    """Drop singleton extra axes (leading ones for .npy, trailing ones for NIfTI); refuse real 4D and 2D."""
-    shape = array.shape
-    while array.ndim > 3 and array.shape[0 if leading else -1] == 1:
-        array = array[0] if leading else array[..., 0]
-    if array.ndim > 3:
-        raise VolumeLoadError(path, f"array of shape {shape} is 4D (time points or channels); medm takes one 3D "
-                                    "volume: save the one you need as its own file")
-    if array.ndim < 3:
-        raise VolumeLoadError(path, f"array of shape {shape} is not a 3D volume (use `image` for 2D images)")
-    if 0 in array.shape:
-        raise VolumeLoadError(path, f"array of shape {shape} has an empty axis")
-    return array
-
-
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from monai.data import NibabelReader
-
-    try:
-        reader = NibabelReader()
-        array, meta = reader.get_data(reader.read(str(path)))
-        # astype: any stored dtype or byte order (e.g. big-endian int16) becomes native float32.
-        array = np.asarray(array).astype(np.float32)
-    except Exception as e:  # nibabel raises many types for truncated gzip, bad headers, short data
-        raise VolumeLoadError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from e
-    return _to_3d(path, array, leading=False), np.asarray(meta["affine"], dtype=np.float64)
-
-
-def _read_npy(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except Exception as e:  # ValueError for object arrays / bad headers, EOFError for truncated data
-        raise VolumeLoadError(path, f"not a readable .npy array ({type(e).__name__}: {e})") from e
-    if array.dtype.kind not in "biuf":
-        raise VolumeLoadError(path, f"array dtype {array.dtype} is not numeric")
-    return _to_3d(path, array, leading=True).astype(np.float32)
-
-
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pydicom
-
-    slices = []
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            ds = pydicom.dcmread(file, force=True)
-        except Exception:  # not DICOM: notes, thumbnails, ...
-            continue
-        if "PixelData" in ds and "Rows" in ds:
-            slices.append((file, ds))
-    if not slices:
-        raise VolumeLoadError(folder, "folder holds no DICOM image files (a volume folder must hold one series)")
-    series = {}
-    for file, ds in slices:
-        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(file.name)
-    if len(series) > 1:
-        listing = "; ".join(f"{uid or '(no SeriesInstanceUID)'}: {len(files)} files, e.g. {files[0]}"
-                            for uid, files in series.items())
-        raise VolumeLoadError(folder, f"folder holds {len(series)} DICOM series ({listing}); put each series in "
-                                      "its own folder")
-    multi = next((f for f, ds in slices if int(ds.get("NumberOfFrames") or 1) > 1), None)
-    if multi is not None:
-        raise VolumeLoadError(folder, f"{multi.name} is a multi-frame DICOM; only series of single-frame slices "
-                                      "are supported")
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
-    if len(shapes) > 1:
-        raise VolumeLoadError(folder, f"slices have different sizes {sorted(shapes)}")
-
-    geometric = all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in slices)
-    if geometric:
-        iop = np.asarray(slices[0][1].ImageOrientationPatient, dtype=np.float64)
-        row_dir, col_dir = iop[:3], iop[3:]
-        normal = np.cross(row_dir, col_dir)
-        pos = {f: float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal)) for f, ds in slices}
-        slices.sort(key=lambda s: pos[s[0]])
-        where = np.array([pos[f] for f, _ in slices])
-        if len(where) > 1 and np.any(np.diff(where) < 1e-4):
-            i = int(np.argmin(np.diff(where)))
-            raise VolumeLoadError(folder, f"{slices[i][0].name} and {slices[i + 1][0].name} lie at the same position "
-                                          "(a 4D series: time points or echoes); split it into one folder per volume")
-    elif all("InstanceNumber" in ds for _, ds in slices):
-        warnings.warn(f"{folder}: slices lack ImagePositionPatient / ImageOrientationPatient; sorted by "
-                      "InstanceNumber, spacing from SliceThickness", stacklevel=3)
-        slices.sort(key=lambda s: int(s[1].InstanceNumber))
-        row_dir, col_dir, normal = np.eye(3)
-    else:
-        raise VolumeLoadError(folder, "slices have neither ImagePositionPatient nor InstanceNumber, so their order "
-                                      "is unknown")
-
-    planes = []
-    for file, ds in slices:
-        try:
-            px = ds.pixel_array.astype(np.float32)
-        except Exception as e:
-            raise VolumeLoadError(folder, f"{file.name}: cannot decode pixel data ({type(e).__name__}: {e})") from e
-        if px.ndim != 2:
-            raise VolumeLoadError(folder, f"{file.name}: pixel data of shape {px.shape} is not one grey slice")
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        planes.append(px * slope + intercept)
-    # pixel_array is (rows, columns); stored as (columns, rows, slices) = voxel axes (i, j, k) of the DICOM affine.
-    array = np.stack(planes, axis=-1).transpose(1, 0, 2)
-
-    first = slices[0][1]
-    row_spacing, col_spacing = (float(v) for v in first.get("PixelSpacing", [1.0, 1.0]))
-    if geometric and len(slices) > 1:
-        origin = np.asarray(first.ImagePositionPatient, dtype=np.float64)
-        last = np.asarray(slices[-1][1].ImagePositionPatient, dtype=np.float64)
-        step = (last - origin) / (len(slices) - 1)
-        gaps = np.diff(where)
-        if gaps.max() - gaps.min() > 0.1 * gaps.mean():
-            warnings.warn(f"{folder}: slice spacing is irregular ({gaps.min():.3g} to {gaps.max():.3g} mm); the "
-                          f"volume is treated as evenly spaced at {gaps.mean():.3g} mm", stacklevel=3)
-    else:
-        origin = np.asarray(first.get("ImagePositionPatient", [0.0, 0.0, 0.0]), dtype=np.float64)
-        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing  # column index i moves along the row direction
-    lps[:3, 1] = col_dir * row_spacing
-    lps[:3, 2] = step
-    lps[:3, 3] = origin
-    return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+def verify_volume(path: str | Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> None:
+    """Raise VolumeLoadError unless `path` reads as a volume (data validation without a model's settings)."""
+    read_volume(path, max_voxels=max_voxels)
 
 
 def _replace_nonfinite(path: Path, array: np.ndarray, policy: str) -> np.ndarray:
@@ -335,9 +256,10 @@ def _replace_nonfinite(path: Path, array: np.ndarray, policy: str) -> np.ndarray
         raise VolumeLoadError(path, f"{bad} of {array.size} voxels are NaN or infinite (set volume.nonfinite: "
                                     "replace to load it anyway)")
     lo, hi = float(array[finite].min()), float(array[finite].max())
+    del finite
     warnings.warn(f"{path}: {bad} of {array.size} voxels are NaN or infinite; NaN and -Inf set to {lo:g}, +Inf to "
-                  f"{hi:g}", stacklevel=3)
-    return np.nan_to_num(array, nan=lo, posinf=hi, neginf=lo)
+                  f"{hi:g}", stacklevel=4)
+    return np.nan_to_num(array, copy=False, nan=lo, posinf=hi, neginf=lo)
 
 
 # ---- preprocessing ----------------------------------------------------------------------------------------------
@@ -392,9 +314,13 @@ class VolumePreprocess:
         return new
 
     # ---- what the hook returns ------------------------------------------------------------------------------
-    def __call__(self, path: str | Path) -> torch.Tensor:
-        """Volume file or DICOM folder -> (C, D, H, W) float32."""
-        x = self.load(path)
+    def __call__(self, path: str | Path, modality: str | None = None) -> torch.Tensor:
+        """Volume file or DICOM folder -> (C, D, H, W) float32.
+
+        Args:
+            modality: the record's `modality` field ("CT", "MR", ...), for `intensity: auto`; None: the file's.
+        """
+        x = self.load(path, modality)
         if self.train and self.args.augment:
             x = self._augment(x)
         return self._finish(x)
@@ -414,11 +340,12 @@ class VolumePreprocess:
         return x.contiguous()
 
     # ---- the cached, deterministic part ---------------------------------------------------------------------
-    def load(self, path: str | Path) -> torch.Tensor:
+    def load(self, path: str | Path, modality: str | None = None) -> torch.Tensor:
         """Steps 1-7 (read to resize), through the cache when `cache_dir` is set: (1, D, H, W) float32."""
         if not self.args.cache_dir:
-            return self._compute(path)
-        file = os.path.join(self.args.cache_dir, self.cache_key(path) + ".npy")
+            return self._compute(path, modality)
+        key = self.cache_key(path, modality=modality) if modality else self.cache_key(path)
+        file = os.path.join(self.args.cache_dir, key + ".npy")
         if os.path.isfile(file):
             try:
                 cached = np.load(file, allow_pickle=False)
@@ -427,15 +354,16 @@ class VolumePreprocess:
             except (OSError, ValueError, EOFError):
                 pass
             logger.warning("volume cache file %s is unreadable or stale; recomputing %s", file, path)
-        x = self._compute(path)
+        x = self._compute(path, modality)
         os.makedirs(self.args.cache_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.args.cache_dir, suffix=".tmp", delete=False) as f:
             np.save(f, x.numpy())
         os.replace(f.name, file)
         return x
 
-    def cache_key(self, path: str | Path) -> str:
-        """sha256 of the source (real path, mtime, size; every file of a folder) and the cached settings."""
+    def cache_key(self, path: str | Path, modality: str | None = None) -> str:
+        """sha256 of the source (real path, mtime, size; every file of a folder), the record's modality and the
+        cached settings."""
         path = Path(path)
         if not path.exists():
             raise VolumeLoadError(path, "file not found")
@@ -443,66 +371,52 @@ class VolumePreprocess:
         stats = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in entries if p.is_file()]
         settings = {k: v for k, v in to_dict(self.args).items() if k not in _UNCACHED}
         blob = json.dumps({"version": _CACHE_VERSION, "source": os.path.realpath(path), "files": stats,
-                           "settings": settings, "size": self.size}, sort_keys=True)
+                           "settings": settings, "size": self.size, "modality": modality}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def _compute(self, path: str | Path) -> torch.Tensor:
+    def _compute(self, path: str | Path, modality: str | None = None) -> torch.Tensor:
+        try:
+            return self._steps(Path(path), modality)
+        except (VolumeLoadError, MemoryError):
+            raise
+        except (ValueError, RuntimeError, IndexError, TypeError) as e:  # inside MONAI / torch: name the file
+            raise VolumeLoadError(path, f"preprocessing failed ({type(e).__name__}: {e})") from e
+
+    def _steps(self, path: Path, modality: str | None) -> torch.Tensor:
         from monai.data import MetaTensor
         from monai.transforms import CropForeground, Orientation, Resize, Spacing
 
         a = self.args
-        array, affine = read_volume(path, a.nonfinite)
+        array, header = _read(path, a.nonfinite, a.max_voxels, a.complex)
+        affine = header.affine
         if affine is None:
-            if a.spacing is not None and not self._spacing_warned:
-                logger.warning("volume.spacing is ignored for %s: a .npy file has no voxel geometry", path)
+            if (a.spacing is not None or a.resample) and not self._spacing_warned:
+                logger.warning("volume.spacing / resample are ignored for %s: a .npy file has no voxel geometry", path)
                 self._spacing_warned = True
             x = torch.from_numpy(array)[None]  # already depth first
         else:
             x = MetaTensor(torch.from_numpy(array)[None], affine=torch.from_numpy(affine))
+            del array  # the tensor shares it; dropping the name lets each step free the copy before it
+            if a.resample == "world":
+                x = _resample_world(x, affine, a.spacing)
             if a.orientation is not None:
                 x = Orientation(axcodes=a.orientation.upper(), labels=_RAS_LABELS)(x)
             if a.spacing is not None:
                 x = Spacing(pixdim=[float(s) for s in reversed(a.spacing)], mode="bilinear")(x)
-        x = self._intensity(Path(path), x)
+        x = _plain(x)
+        ctx = IntensityContext(path, modality_name(modality) or header.modality, header.scale)
+        x = INTENSITY_MODES[a.intensity](x, a, ctx)
         if a.crop_foreground:
             if bool((x > a.foreground_threshold).any()):
-                x = CropForeground(select_fn=_Above(a.foreground_threshold), margin=a.crop_margin,
-                                   allow_smaller=True)(x)
+                x = _plain(CropForeground(select_fn=_Above(a.foreground_threshold), margin=a.crop_margin,
+                                          allow_smaller=True)(x))
             else:
                 warnings.warn(f"{path}: no voxel above foreground_threshold={a.foreground_threshold:g}; the whole "
                               "volume is kept", stacklevel=2)
-        x = _plain(x)
         if affine is not None:
-            x = x.permute(0, 3, 2, 1)  # oriented (a, b, c) -> depth first (c, b, a)
-        x = Resize(spatial_size=self.size, mode=a.resize_mode)(x.contiguous())
+            x = x.permute(0, 3, 2, 1)  # oriented (a, b, c) -> depth first (c, b, a); a view, Resize reads it
+        x = Resize(spatial_size=self.size, mode=a.resize_mode)(x)
         return _plain(x).to(torch.float32).contiguous()
-
-    def _intensity(self, path: Path, x: torch.Tensor) -> torch.Tensor:
-        from monai.transforms import NormalizeIntensity, ScaleIntensity, ScaleIntensityRange
-
-        a = self.args
-        if a.intensity == "window":
-            center, width = resolve_window(a.window)
-            return ScaleIntensityRange(center - width / 2, center + width / 2, 0.0, 1.0, clip=True)(x)
-        if a.intensity == "uint8":
-            lo, hi = float(x.min()), float(x.max())
-            if lo < 0 or hi > 255:
-                raise VolumeLoadError(path, f"intensity: uint8 expects values in 0..255 (MedM-VL's windowed uint8 "
-                                            f"volumes), but they span {lo:g}..{hi:g}; use intensity: window for HU")
-            return x / 255.0
-        if a.intensity == "minmax":
-            lo_p, hi_p = (float(p) for p in a.percentiles)
-            if (lo_p, hi_p) == (0.0, 100.0):
-                return ScaleIntensity(minv=0.0, maxv=1.0)(x)
-            # numpy, not torch.quantile: that refuses inputs above 16M voxels (one 512 x 512 x 64 CT).
-            lo, hi = (float(v) for v in np.percentile(_plain(x).numpy(), [lo_p, hi_p]))
-            if hi <= lo:
-                return x * 0.0
-            return ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True)(x)
-        if a.intensity == "standardize":
-            mean, std = (float(v) for v in a.standardize)
-            return NormalizeIntensity(subtrahend=mean, divisor=std)(x)
-        return x
 
     # ---- augmentation ---------------------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -528,3 +442,33 @@ def _plain(x: Any) -> torch.Tensor:
     """A plain torch tensor from a MONAI output (MetaTensor, tensor or array)."""
     x = torch.as_tensor(x)
     return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def _resample_world(x, affine: np.ndarray, spacing: list | None):
+    """(1, X, Y, Z) MetaTensor -> the same volume on an axis-aligned RAS grid covering it (trilinear); voxels
+    outside the scan get the volume's minimum. Voxel sizes: `spacing` (depth first) or the file's own."""
+    from monai.transforms import SpatialResample
+    from nibabel.orientations import io_orientation
+
+    m = affine[:3, :3]
+    if np.count_nonzero(np.abs(m) > 1e-6 * np.abs(m).max()) == 3:
+        return x  # already axis-aligned: orientation alone permutes and flips it exactly
+    if spacing is not None:
+        size_mm = np.array([float(s) for s in reversed(spacing)])  # (x, y, z) = [W, H, D]
+    else:  # each world axis gets the voxel size of the array axis closest to it
+        size_mm = np.empty(3)
+        for i, (axis, _flip) in enumerate(io_orientation(affine)):
+            size_mm[int(axis)] = np.linalg.norm(m[:, i])
+    shape = np.array(x.shape[1:])
+    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    world = corners @ m.T + affine[:3, 3]
+    lo, hi = world.min(0), world.max(0)
+    out_shape = [int(v) for v in np.floor((hi - lo) / size_mm + 1e-6) + 1]
+    dst = np.eye(4)
+    dst[:3, :3] = np.diag(size_mm)
+    dst[:3, 3] = lo
+    floor = float(x.min())
+    x = x - floor  # zeros outside the scan become the volume's minimum (air in a CT) after adding it back
+    out = SpatialResample(mode="bilinear", padding_mode="zeros")(x, dst_affine=torch.from_numpy(dst),
+                                                                  spatial_size=out_shape)
+    return out + floor

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
+from medm.data._media import volume_tensor
 from medm.data.annotations import Record, resolve_path
 from medm.data.images import load_image
 from medm.data.templates import ChatFormat, expand_media
@@ -91,8 +92,9 @@ class Predictor:
         pil = [x if isinstance(x, Image.Image) else load_image(resolve_path(x, self.image_dir)) for x in items]
         return torch.stack([self.image_preprocess(im) for im in pil])
 
-    def volumes(self, paths: Iterable[str], blank: bool = False) -> torch.Tensor | None:
-        """(n, C, D, H, W) through the 3D encoder's preprocessing; `blank` swaps every volume for a black one."""
+    def volumes(self, paths: Iterable[str], blank: bool = False, modality: str | None = None) -> torch.Tensor | None:
+        """(n, C, D, H, W) through the 3D encoder's preprocessing; `blank` swaps every volume for a black one;
+        `modality` is the record's (CT, MR, ...) for `intensity: auto`."""
         items = list(paths)
         if not items:
             return None
@@ -100,7 +102,8 @@ class Predictor:
             raise ValueError("this model has no 3D vision encoder, but the input has volumes (`image3d`)")
         if blank:
             return torch.stack([self.volume_preprocess.blank() for _ in items])
-        return torch.stack([self.volume_preprocess(resolve_path(p, self.image_dir)) for p in items])
+        return torch.stack([volume_tensor(self.volume_preprocess, resolve_path(p, self.image_dir), modality)
+                            for p in items])
 
     def encode(self, conversation: Record | list[dict[str, str]]) -> list[int]:
         """Prompt ids with image placeholders expanded."""
@@ -159,7 +162,7 @@ class Predictor:
         pix = [self.images(r.image, blank) for r in batch]
         pix = [p for p in pix if p is not None]
         pixel_values = torch.cat(pix) if pix else None
-        vols = [v for v in (self.volumes(r.image3d, blank) for r in batch) if v is not None]
+        vols = [v for v in (self.volumes(r.image3d, blank, r.extra.get("modality")) for r in batch) if v is not None]
         pixel_values_3d = torch.cat(vols) if vols else None
         for rec, new in zip(batch, self.generate_ids(prompts, pixel_values, settings, pixel_values_3d=pixel_values_3d)):
             yield rec, self.decode(new)

@@ -1,6 +1,7 @@
 """A playground upload: a 2D image or a 3D volume, opened with the dataset's own loaders.
 
-Told apart by the file name, as the data code does: `.nii` / `.nii.gz` / `.npy` are volumes, `.zip` is a DICOM
+Told apart by the file name, as the data code does: `.nii` / `.nii.gz` / `.mgz` / `.hdr` / `.nrrd` / `.mha` / `.npy`
+(`medm.data.volumes.VOLUME_SUFFIXES`) are volumes (read within the default voxel limit), `.zip` is a DICOM
 series (unpacked into the app's work directory), anything else is a 2D image for `medm.data.images.load_image`
 (PNG, JPEG, ..., and DICOM whatever its suffix). A file that is neither is an `UploadError` naming the file and
 the reason, for the page to show.
@@ -16,12 +17,11 @@ from pathlib import Path
 from PIL import Image
 
 from medm.data.images import ImageLoadError, load_image
-from medm.data.volumes import NIFTI_SUFFIXES, VolumeLoadError
+from medm.data.volumes import VOLUME_SUFFIXES, VolumeLoadError
 from medm.playground.viewer import DEFAULT_WINDOW, SliceViewer
 
 __all__ = ["MAX_UNPACKED_BYTES", "Upload", "UploadError", "open_upload", "unpack_series"]
 
-VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".npy")
 ARCHIVE_SUFFIX = ".zip"
 # A zipped DICOM series may hold at most this much once unpacked (zip bombs), and at most MAX_UNPACKED_FILES files.
 MAX_UNPACKED_BYTES = 4 * 1024**3
@@ -109,7 +109,8 @@ def open_upload(path: str | Path, name: str | None = None, window: str = DEFAULT
 def _hint(lower_name: str) -> str:
     if lower_name.endswith((ARCHIVE_SUFFIX, *VOLUME_SUFFIXES)):
         return ""
-    return "; volumes are taken as NIfTI (.nii, .nii.gz), NumPy (.npy) or a .zip of one DICOM series"
+    return ("; volumes are taken as NIfTI (.nii, .nii.gz), MGH (.mgz), NRRD (.nrrd), MetaImage (.mha), NumPy (.npy) "
+            "or a .zip of one DICOM series")
 
 
 def unpack_series(zip_path: str | Path, dest: str | Path, name: str | None = None,

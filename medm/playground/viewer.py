@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from medm.data.images import WINDOW_PRESETS
-from medm.data.volumes import VolumeArgs, VolumePreprocess, read_volume
+from medm.data.volumes import VolumeArgs, VolumePreprocess, read_volume_header
 
 __all__ = ["DEFAULT_WINDOW", "MAX_SIDE", "WINDOW_CHOICES", "SliceViewer", "display_size", "window_volume"]
 
@@ -42,9 +42,10 @@ def display_size(path: str | Path, max_side: int = MAX_SIDE) -> tuple[int, int, 
     """
     from nibabel.orientations import io_orientation
 
-    array, affine = read_volume(path)
+    header = read_volume_header(path)  # shape and geometry only: the voxels are read once, by window_volume
+    shape, affine = header.shape3d, header.affine
     if affine is None:
-        depth, rows, cols = array.shape
+        depth, rows, cols = shape
         height, width = float(rows), float(cols)
     else:
         voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
@@ -52,8 +53,8 @@ def display_size(path: str | Path, max_side: int = MAX_SIDE) -> tuple[int, int, 
         # Row i of the orientation: the RAS axis (0 = left-right, 1 = posterior-anterior, 2 = inferior-superior)
         # that array axis i runs along.
         for i, (axis, _flip) in enumerate(io_orientation(affine)):
-            counts[int(axis)] = array.shape[i]
-            extent_mm[int(axis)] = array.shape[i] * voxel_mm[i]
+            counts[int(axis)] = shape[i]
+            extent_mm[int(axis)] = shape[i] * voxel_mm[i]
         depth = counts[2]
         finest = min(extent_mm[0] / counts[0], extent_mm[1] / counts[1])
         height, width = extent_mm[1] / finest, extent_mm[0] / finest

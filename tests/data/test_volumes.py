@@ -207,9 +207,9 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(VolumeLoadError, match=r"broken.nii.gz'.*not a readable NIfTI"):
         read_volume(tmp_path / "broken.nii.gz")
-    (tmp_path / "scan.mha").write_bytes(b"x")
-    with pytest.raises(VolumeLoadError, match=r"scan.mha'.*unsupported volume format"):
-        read_volume(tmp_path / "scan.mha")
+    (tmp_path / "scan.xyz").write_bytes(b"x")
+    with pytest.raises(VolumeLoadError, match=r"scan.xyz'.*unsupported volume format"):
+        read_volume(tmp_path / "scan.xyz")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(VolumeLoadError, match=r"obj.npy'.*not a readable .npy"):
         read_volume(tmp_path / "obj.npy")
@@ -281,8 +281,8 @@ def test_cache_is_hit_on_the_second_pass(tmp_path, monkeypatch):
     data = np.random.default_rng(0).normal(size=(10, 12, 8)).astype(np.float32) * 500
     src = _nifti(tmp_path / "ct.nii.gz", data)
     calls = []
-    real = volumes.read_volume
-    monkeypatch.setattr(volumes, "read_volume", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = volumes._read
+    monkeypatch.setattr(volumes, "_read", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     cache = tmp_path / "cache"
     pre = VolumePreprocess({"cache_dir": str(cache)}, (4, 8, 8))
     first = pre(src)

@@ -268,9 +268,10 @@ def test_slices_preprocessor_is_volume_then_2d_normalisation(tmp_path):
     assert x.shape == (3, 4, 32, 32)
     mean = torch.tensor(cfg["encoder"]["image_mean"]).view(3, 1, 1, 1)
     std = torch.tensor(cfg["encoder"]["image_std"]).view(3, 1, 1, 1)
-    raw = x * std + mean  # back to [0, 1]: the HU window maps 255 (as HU) to 0.6275 and 0 to 0.5
-    torch.testing.assert_close(raw[:, 0], torch.full((3, 32, 32), 0.5 + 255 / 2000))
-    torch.testing.assert_close(raw[:, -1], torch.full((3, 32, 32), 0.5))
+    # Back to [0, 1]: intensity auto takes a volume without air for MR (percentiles): 255 -> 1, 0 -> 0.
+    raw = x * std + mean
+    torch.testing.assert_close(raw[:, 0], torch.full((3, 32, 32), 1.0))
+    torch.testing.assert_close(raw[:, -1], torch.full((3, 32, 32), 0.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(pre.blank(), ((torch.zeros(3, 4, 32, 32) - mean) / std))
 
 
