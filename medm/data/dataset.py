@@ -18,6 +18,7 @@ from PIL import Image
 
 from medm.config import arg
 from medm.data._bad_samples import BadSamples, SkipsBadSamples
+from medm.data._media import image_tensor, volume_tensor
 from medm.data.annotations import Record, load_records, resolve_path
 from medm.data.images import ImageLoadError
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
@@ -180,16 +181,16 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
         """(n, C, H, W): the first n images of the record (later ones were cut by truncation), or None."""
         if n == 0:
             return None
-        from medm.data.images import load_image
-
-        return torch.stack([self.image_preprocess(load_image(resolve_path(p, self.image_dir)))
+        return torch.stack([image_tensor(self.image_preprocess, resolve_path(p, self.image_dir))
                             for p in record.image[:n]])
 
     def _volumes(self, record: Record, n: int) -> torch.Tensor | None:
         """(n, C, D, H, W) through `volume_preprocess` (the 3D hook), or None."""
         if n == 0:
             return None
-        return torch.stack([self.volume_preprocess(resolve_path(p, self.image_dir)) for p in record.image3d[:n]])
+        modality = record.extra.get("modality")  # for intensity: auto (CT window or MR percentiles)
+        return torch.stack([volume_tensor(self.volume_preprocess, resolve_path(p, self.image_dir), modality)
+                            for p in record.image3d[:n]])
 
 
 def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
