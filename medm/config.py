@@ -21,12 +21,23 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with help text; mutable defaults are copied per instance."""
+def arg(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
+        choices: Any = None, **kw: Any) -> Any:
+    """A dataclass field with help text; mutable defaults are copied per instance.
+
+    Args:
+        ge: smallest value allowed (numbers), checked by `from_dict` with the field's type.
+        choices: the values allowed (strings), checked by `from_dict`.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if ge is not None:
+        metadata["ge"] = ge
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -76,8 +87,84 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping", type(None): "null"}
+
+
+def _coerce(value: Any, tp: Any, choices: tuple | None) -> tuple[bool, Any]:
+    """(fits, value) of `value` for type `tp`, with the readings YAML makes necessary: `1e-4` is a string to YAML
+    (a number here), and `no` / `yes` are booleans to YAML (the words, for a text field that offers them)."""
+    if tp is Any or tp is object:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(tp)
+        for member in members:  # an exact fit first: `str | bool` keeps `true` a boolean
+            if member is type(None) and value is None or isinstance(member, type) and type(value) is member:
+                return True, value
+        for member in members:
+            fits, coerced = _coerce(value, member, choices)
+            if fits:
+                return True, coerced
+        return False, value
+    base = origin or tp
+    if not isinstance(base, type):
+        return True, value  # Literal, TypeVar, ...: not checked here
+    if base is type(None):
+        return value is None, value
+    if base is bool:
+        return isinstance(value, bool), value
+    if base is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if base is float:
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if base is str:
+        if isinstance(value, bool) and choices:
+            word = {False: "no", True: "yes"}[value]
+            return word in choices, word
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)  # a name YAML read as a number (a folder called 2024)
+        return isinstance(value, str), value
+    if base in (list, tuple):
+        return isinstance(value, (list, tuple)), value
+    if dataclasses.is_dataclass(base):
+        return isinstance(value, (dict, base)), value
+    return isinstance(value, base), value
+
+
+def _type_words(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in typing.get_args(tp))
+    base = typing.get_origin(tp) or tp
+    return _TYPE_WORDS.get(base, "a mapping" if _is_dataclass_type(base) else getattr(base, "__name__", str(tp)))
+
+
+def check_value(value: Any, tp: Any, field: dataclasses.Field, where: str) -> Any:
+    """`value` read for `field` (type `tp`), made to fit it (see `_coerce`), or a ConfigError that names the field,
+    the value and what it must be: the type, the `arg(ge=...)` bound, the `arg(choices=...)` values."""
+    choices = field.metadata.get("choices")
+    fits, coerced = _coerce(value, tp, choices)
+    if not fits:
+        raise ConfigError(f"{where}: must be {_type_words(tp)}, got {value!r}")
+    value = coerced
+    ge = field.metadata.get("ge")
+    if ge is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < ge:
+        raise ConfigError(f"{where}: must be >= {ge}, got {value!r}")
+    if choices and isinstance(value, str) and value not in choices:
+        raise ConfigError(f"{where}: unknown value {value!r}; known: {', '.join(map(str, choices))}")
+    return value
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
-    """Build dataclass `cls` from a dict, recursing into nested dataclass fields."""
+    """Build dataclass `cls` from a dict, recursing into nested dataclass fields; each value is checked against
+    its field's type, bound and choices (`check_value`)."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -91,6 +178,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         value, tp = data[f.name], _unwrap_optional(hints[f.name])
         if _is_dataclass_type(tp) and (value is None or isinstance(value, dict)):
             value = from_dict(tp, value, f"{where}.{f.name}")
+        elif not (value is None and f.default is None):  # null where the default is null: "not set"
+            value = check_value(value, hints[f.name], f, f"{where}.{f.name}")
         kwargs[f.name] = value
     try:
         return cls(**kwargs)

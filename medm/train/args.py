@@ -11,15 +11,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import SchedulerType
+from transformers.training_args import OptimizerNames
+
 from medm.config import ConfigError, apply_overrides, arg, from_dict, load_yaml, resolve_relative
 from medm.models import ModelArgs, parse_model_args
 
 
 @dataclass
 class LoraArgs:
-    r: int = arg(16, "LoRA rank")
+    r: int = arg(16, "LoRA rank", ge=1)
     alpha: int = arg(32, "LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = arg(0.05, "dropout on the LoRA input")
+    dropout: float = arg(0.05, "dropout on the LoRA input", ge=0)
     target_modules: list | None = arg(None, "LLM linear layers to adapt, as name suffixes (e.g. [q_proj, v_proj]) "
                                             "or [all-linear]; null: the LLM family's default "
                                             "(model.llm.lora_target_modules; Phi-3 uses its fused qkv_proj; "
@@ -53,32 +56,35 @@ class TrainArgs:
 
     output_dir: str | None = arg(None, "where checkpoints, metrics.jsonl, TensorBoard logs and loss.png go")
     num_train_epochs: float = arg(1.0, "passes over the data (ignored when max_steps > 0)")
-    max_steps: int = arg(-1, "optimizer steps to run; -1: use num_train_epochs")
-    per_device_train_batch_size: int = arg(8, "samples per device per forward pass")
-    gradient_accumulation_steps: int = arg(1, "forward passes per optimizer step")
-    learning_rate: float = arg(2e-5, "peak learning rate")
-    connector_lr: float | None = arg(None, "peak learning rate of the connector(s); null: learning_rate")
-    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)")
-    warmup_steps: float = arg(0.03, "linear warmup: steps (>= 1) or a fraction of all steps (< 1)")
-    lr_scheduler_type: str = arg("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    max_steps: int = arg(-1, "optimizer steps to run; -1: use num_train_epochs", ge=-1)
+    per_device_train_batch_size: int = arg(8, "samples per device per forward pass", ge=1)
+    gradient_accumulation_steps: int = arg(1, "forward passes per optimizer step", ge=1)
+    learning_rate: float = arg(2e-5, "peak learning rate", ge=0)
+    connector_lr: float | None = arg(None, "peak learning rate of the connector(s); null: learning_rate", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms)", ge=0)
+    warmup_steps: float = arg(0.03, "linear warmup: steps (>= 1) or a fraction of all steps (< 1)", ge=0)
+    lr_scheduler_type: str = arg("cosine", "transformers scheduler name: cosine, linear, constant, ...",
+                                 choices=[s.value for s in SchedulerType])
     lr_scheduler_kwargs: dict | None = arg(None, "the scheduler's own settings, e.g. {num_decay_steps: 300} for "
                                                  "warmup_stable_decay or {min_lr_rate: 0.1} for cosine_with_min_lr")
-    optim: str = arg("adamw_torch", "transformers optimizer name")
+    optim: str = arg("adamw_torch", "transformers optimizer name", choices=[o.value for o in OptimizerNames])
     adam_beta1: float = arg(0.9, "AdamW beta1")
     adam_beta2: float = arg(0.999, "AdamW beta2")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", ge=0)
     bf16: bool = arg(False, "bfloat16 mixed precision (Ampere+ GPU, or the CPU)")
     fp16: bool = arg(False, "float16 mixed precision (CUDA only)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
     logging_steps: float = arg(10, "log every N steps (or a fraction of all steps when < 1)")
-    save_strategy: str = arg("steps", "when to write checkpoint-N directories: steps, epoch, no")
+    save_strategy: str = arg("steps", "when to write checkpoint-N directories: steps, epoch, no",
+                             choices=("steps", "epoch", "no"))
     save_steps: float = arg(500, "checkpoint every N steps (save_strategy: steps)")
     save_total_limit: int | None = arg(None, "keep at most this many checkpoint-N directories; null: all")
-    seed: int = arg(42, "seed for weight init, data order and dropout (equal seeds make runs repeatable)")
+    seed: int = arg(42, "seed for weight init, data order and dropout (equal seeds make runs repeatable)", ge=0)
     dataloader_num_workers: int | None = arg(None, "data loading worker processes; null: 0 on the CPU (workers "
                                                    "would take cores from the model), on a GPU min(8, CPU cores per "
-                                                   "process - 1), see docs/performance.md")
-    dataloader_prefetch_factor: int | None = arg(None, "batches each worker loads ahead; null: 2 (torch's default)")
+                                                   "process - 1), see docs/performance.md", ge=0)
+    dataloader_prefetch_factor: int | None = arg(None, "batches each worker loads ahead; null: 2 (torch's default)",
+                                                 ge=1)
     dataloader_persistent_workers: bool = arg(True, "keep workers (and their caches) alive between epochs")
     dataloader_pin_memory: bool = arg(True, "page-locked batches for faster, asynchronous copies to the GPU")
     train_sampling_strategy: str = arg("auto", "auto (a data mixture's own plan; else group_by_modality_length when "
@@ -87,7 +93,7 @@ class TrainArgs:
                                                "group_by_modality_length (also one modality per batch: image, "
                                                "image3d or text); see medm.data.sampler")
     group_window: int = arg(64, "length grouping: sort within windows of this many steps (batch x GPUs); larger "
-                                "means less padding, 1 sorts within one step only (LLaVA)")
+                                "means less padding, 1 sorts within one step only (LLaVA)", ge=1)
     deepspeed: str | None = arg(None, "DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json, ...)")
     device: str = arg("auto", "auto (CUDA when available), cuda, or cpu (gloo backend for multi-process runs)")
     resume_from_checkpoint: str | bool | None = arg(None, "resume this run: a checkpoint-N directory, or true for "
@@ -135,6 +141,7 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
     train = from_dict(TrainArgs, cfg.get("train"), f"{where}: train")
     if not train.output_dir:
         raise ConfigError(f"{where}: train.output_dir is required")
+    _check_output_dir(train.output_dir, where)
     if cfg.get("data") is not None and not isinstance(cfg["data"], dict):
         raise ConfigError(f"{where}: `data` must be a mapping")
     if cfg.get("data") is not None:
@@ -142,6 +149,27 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
 
         from_dict(DataArgs, cfg["data"], f"{where}: data")  # a misspelt key fails here, before any model is built
     return TrainConfig(model=parse_model_args(model, model_where), data=cfg.get("data"), stage=stage, train=train)
+
+
+def _check_output_dir(path: str, where: str) -> None:
+    """output_dir, or the first of its parents that exists, must be a directory (a file there fails much later)."""
+    node = os.path.abspath(path)
+    while not os.path.exists(node) and os.path.dirname(node) != node:
+        node = os.path.dirname(node)
+    if not os.path.isdir(node):
+        what = "is a file" if node == os.path.abspath(path) else f"cannot be created: {node} is a file"
+        raise ConfigError(f"{where}: train.output_dir {path!r} {what}, not a directory")
+
+
+def check_data_files(cfg: TrainConfig, where: str = "train config") -> None:
+    """Every annotation file `data.path` names exists (plain paths or mixture entries' `path`); run before a model
+    is built, as the configs' own paths (data/vqa_rad/train.json) need not exist when a config is only read."""
+    paths = (cfg.data or {}).get("path")
+    for entry in paths if isinstance(paths, list) else [paths]:
+        path = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(path, str) and not os.path.isfile(path):
+            what = "is a directory, not an annotation file" if os.path.isdir(path) else "not found"
+            raise ConfigError(f"{where}: data.path {path!r} {what}")
 
 
 def _model_file(path: str, where: str) -> str:

@@ -24,13 +24,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from medm.config import ConfigError
     from medm.data._bad_samples import TooManyBadSamples
     from medm.data.annotations import AnnotationError
-    from medm.train.args import load_train_config
+    from medm.train.args import check_data_files, load_train_config
     from medm.train.safety import CheckpointWriteError, NonFiniteLossError
     from medm.train.trainer import run_training
 
     _setup_logging()
     try:
         cfg = load_train_config(args.config, args.overrides)
+        check_data_files(cfg, args.config)
         trainer = run_training(cfg)
     except (ConfigError, AnnotationError) as e:
         print(f"error: {e}", file=sys.stderr)

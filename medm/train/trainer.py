@@ -399,6 +399,11 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     train = cfg.train
     device = resolve_device(train)
     resume = train.resume_from_checkpoint
+    if resume is True and last_checkpoint(train.output_dir) is None:
+        # A requeued job resumes with `true` whether or not its first run got as far as a checkpoint.
+        logger.info("train.resume_from_checkpoint=true: no checkpoint-N in %s yet, starting from step 0",
+                    train.output_dir)
+        resume = None
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise ConfigError(f"train.resume_from_checkpoint: {resume!r} not found (a checkpoint-N directory, or true "
                           "for the latest in output_dir)")
