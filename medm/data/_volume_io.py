@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["DEFAULT_MAX_VOXELS", "COMPLEX_MODES", "VOLUME_SUFFIXES", "VolumeHeader", "VolumeLoadError",
-           "read_header", "read_array"]
+           "read_header", "read_array", "replace_nonfinite"]
 
 # 512 x 512 x 1024 voxels (1 GiB as float32): every CT series in practice, far below a 1024^3 bomb.
 DEFAULT_MAX_VOXELS = 512 * 512 * 1024
@@ -160,6 +160,24 @@ def _squeezed(path: Path, shape: tuple[int, ...], leading: bool) -> tuple[int, i
     if 0 in out:
         raise VolumeLoadError(path, f"array of shape {tuple(shape)} has an empty axis")
     return out[0], out[1], out[2]
+
+
+def replace_nonfinite(path: Path, array: np.ndarray, policy: str) -> np.ndarray:
+    """NaN / Inf voxels set to the smallest / largest finite one (with a warning naming the file), or an error."""
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    bad = int(array.size - finite.sum())
+    if not finite.any():
+        raise VolumeLoadError(path, "every voxel is NaN or infinite")
+    if policy == "error":
+        raise VolumeLoadError(path, f"{bad} of {array.size} voxels are NaN or infinite (set volume.nonfinite: "
+                                    "replace to load it anyway)")
+    lo, hi = float(array[finite].min()), float(array[finite].max())
+    del finite
+    warnings.warn(f"{path}: {bad} of {array.size} voxels are NaN or infinite; NaN and -Inf set to {lo:g}, +Inf to "
+                  f"{hi:g}", stacklevel=4)
+    return np.nan_to_num(array, copy=False, nan=lo, posinf=hi, neginf=lo)
 
 
 def _to_3d(path: Path, array: np.ndarray, leading: bool) -> np.ndarray:

@@ -82,6 +82,7 @@ import torch
 
 from medm.config import arg, from_dict, to_dict
 from medm.data._intensity import INTENSITY_MODES, IntensityContext, register_intensity
+from medm.data._resample import resample_world
 from medm.data._volume_io import (
     COMPLEX_MODES,
     DEFAULT_MAX_VOXELS,
@@ -92,6 +93,7 @@ from medm.data._volume_io import (
     modality_name,
     read_array,
     read_header,
+    replace_nonfinite,
 )
 from medm.data.images import resolve_window
 
@@ -237,29 +239,12 @@ def read_volume(path: str | Path, nonfinite: str = "replace", *, max_voxels: int
 def _read(path: Path, nonfinite: str, max_voxels: int | None, complex: str) -> tuple[np.ndarray, VolumeHeader]:
     header = read_header(path, max_voxels)
     array = read_array(header, complex)
-    return _replace_nonfinite(path, array, nonfinite), header
+    return replace_nonfinite(path, array, nonfinite), header
 
 
 def verify_volume(path: str | Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> None:
     """Raise VolumeLoadError unless `path` reads as a volume (data validation without a model's settings)."""
     read_volume(path, max_voxels=max_voxels)
-
-
-def _replace_nonfinite(path: Path, array: np.ndarray, policy: str) -> np.ndarray:
-    finite = np.isfinite(array)
-    if finite.all():
-        return array
-    bad = int(array.size - finite.sum())
-    if not finite.any():
-        raise VolumeLoadError(path, "every voxel is NaN or infinite")
-    if policy == "error":
-        raise VolumeLoadError(path, f"{bad} of {array.size} voxels are NaN or infinite (set volume.nonfinite: "
-                                    "replace to load it anyway)")
-    lo, hi = float(array[finite].min()), float(array[finite].max())
-    del finite
-    warnings.warn(f"{path}: {bad} of {array.size} voxels are NaN or infinite; NaN and -Inf set to {lo:g}, +Inf to "
-                  f"{hi:g}", stacklevel=4)
-    return np.nan_to_num(array, copy=False, nan=lo, posinf=hi, neginf=lo)
 
 
 # ---- preprocessing ----------------------------------------------------------------------------------------------
@@ -398,7 +383,7 @@ class VolumePreprocess:
             x = MetaTensor(torch.from_numpy(array)[None], affine=torch.from_numpy(affine))
             del array  # the tensor shares it; dropping the name lets each step free the copy before it
             if a.resample == "world":
-                x = _resample_world(x, affine, a.spacing)
+                x = resample_world(x, affine, a.spacing)
             if a.orientation is not None:
                 x = Orientation(axcodes=a.orientation.upper(), labels=_RAS_LABELS)(x)
             if a.spacing is not None:
@@ -443,32 +428,3 @@ def _plain(x: Any) -> torch.Tensor:
     x = torch.as_tensor(x)
     return x.as_tensor() if hasattr(x, "as_tensor") else x
 
-
-def _resample_world(x, affine: np.ndarray, spacing: list | None):
-    """(1, X, Y, Z) MetaTensor -> the same volume on an axis-aligned RAS grid covering it (trilinear); voxels
-    outside the scan get the volume's minimum. Voxel sizes: `spacing` (depth first) or the file's own."""
-    from monai.transforms import SpatialResample
-    from nibabel.orientations import io_orientation
-
-    m = affine[:3, :3]
-    if np.count_nonzero(np.abs(m) > 1e-6 * np.abs(m).max()) == 3:
-        return x  # already axis-aligned: orientation alone permutes and flips it exactly
-    if spacing is not None:
-        size_mm = np.array([float(s) for s in reversed(spacing)])  # (x, y, z) = [W, H, D]
-    else:  # each world axis gets the voxel size of the array axis closest to it
-        size_mm = np.empty(3)
-        for i, (axis, _flip) in enumerate(io_orientation(affine)):
-            size_mm[int(axis)] = np.linalg.norm(m[:, i])
-    shape = np.array(x.shape[1:])
-    corners = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
-    world = corners @ m.T + affine[:3, 3]
-    lo, hi = world.min(0), world.max(0)
-    out_shape = [int(v) for v in np.floor((hi - lo) / size_mm + 1e-6) + 1]
-    dst = np.eye(4)
-    dst[:3, :3] = np.diag(size_mm)
-    dst[:3, 3] = lo
-    floor = float(x.min())
-    x = x - floor  # zeros outside the scan become the volume's minimum (air in a CT) after adding it back
-    out = SpatialResample(mode="bilinear", padding_mode="zeros")(x, dst_affine=torch.from_numpy(dst),
-                                                                  spatial_size=out_shape)
-    return out + floor

@@ -305,3 +305,15 @@ def test_cifti_rgb_and_vector_volumes_are_one_line_refusals(tmp_path):
             read_volume(tmp_path / "rgb.nii.gz")
         except err as e:
             assert "\n" not in str(e)
+
+
+def test_playground_opens_the_new_formats(tmp_path):
+    from medm.playground import open_upload
+
+    vol = _ct()
+    nib.save(nib.MGHImage(vol.astype(np.int32), np.eye(4)), tmp_path / "scan.mgz")
+    _itk_write(tmp_path / "scan.nrrd", vol, (1.0, 1.0, 1.0))
+    _itk_write(tmp_path / "scan.mha", vol, (1.0, 1.0, 1.0))
+    for name in ("scan.mgz", "scan.nrrd", "scan.mha"):
+        up = open_upload(tmp_path / name, work_dir=tmp_path / "work")
+        assert up.is_volume and up.viewer.num_slices == vol.shape[2] and up.picture().size == (12, 10)
