@@ -1,9 +1,9 @@
 """The base of the multiple-choice tasks (OmniMedVQA, PMC-VQA, MedXpertQA-MM, MMMU, M3D closed VQA).
 
 Fields read from each prediction row (the builders write them into every record and `medm infer` copies them):
-`prediction`, `answer` (the right option's letter), `options` (`{"A": text, ...}` in order) and optionally
-`choice_rule` (default: the task's). Scoring is the benchmark's own rule (`medm.eval.choice`); figures are
-`accuracy` (percent right), `n_unparsed` (answers the rule could not read, or for `mmmu` had to guess).
+`prediction`, `answer` (the right option's letter) and `options` (`{"A": text, ...}` in order). Scoring is the
+benchmark's own rule (`medm.eval.choice`; `--protocol` picks another rule to compare); figures are `accuracy`
+(percent right) and `n_unparsed` (answers the rule could not read, or for `mmmu` had to guess).
 """
 
 from __future__ import annotations
