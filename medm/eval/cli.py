@@ -55,7 +55,7 @@ def add_parsers(subparsers) -> None:
         "eval", help="score a predictions file: metrics.json, report.md",
         description="Score the JSONL file `medm infer` wrote with an evaluation task (medm list shows them: vqa, "
                     "vqa-rad, slake, pathvqa, report, report-zh, grounding, omnimedvqa, pmc-vqa, medxpertqa, mmmu, "
-                    "m3d-vqa-closed, ...), overall and per group where the data has them, each figure with a 95%% "
+                    "m3d-vqa-closed, ...), overall and per group where the data has them, each figure with a 95% "
                     "bootstrap interval.")
     p.add_argument("--task", required=True, help="evaluation task (medm list): vqa, vqa-rad, slake, pathvqa, "
                                                  "report, report-zh, grounding, omnimedvqa, pmc-vqa, mmmu, ...")
@@ -78,7 +78,7 @@ def add_parsers(subparsers) -> None:
         "bench", help="run a benchmark suite (infer + eval per task): one table of headline figures",
         description="Runs every task of a suite (configs/bench/NAME.yaml, or a YAML path) with one model: "
                     "OUT/<task>/preds.jsonl, metrics.json, report.md, then OUT/bench.md and OUT/bench.csv with "
-                    "each task's headline figure and 95%% interval. Running it again resumes (answered questions "
+                    "each task's headline figure and 95% interval. Running it again resumes (answered questions "
                     "are kept). --compare adds another model's figures and the paired differences.")
     b.add_argument("--suite", required=True, help="suite name (configs/bench/NAME.yaml) or a YAML file")
     b.add_argument("--model", required=True, help="checkpoint directory")
