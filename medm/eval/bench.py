@@ -128,17 +128,28 @@ def headline(task_obj: Any, spec: BenchTask) -> str:
 
 def run_bench(suite: Suite, model: str, out: str, *, compare: str | None = None, data_root: str | None = None,
               bootstrap: int = 1000, seed: int = 0, device: str | None = "auto", dtype: str | None = None,
-              batch_size: int | None = None, limit: int | None = None, progress: bool = False) -> BenchResult:
-    """Infer and evaluate every task of `suite` with the checkpoint `model` into `out` (resumable), then write
-    `bench.md` and `bench.csv`. `compare` is another model's bench folder for the same suite."""
+              batch_size: int | None = None, limit: int | None = None, only: list[str] | None = None,
+              progress: bool = False) -> BenchResult:
+    """Infer and evaluate every task of `suite` (or the tasks named in `only`) with the checkpoint `model` into
+    `out` (resumable), then write `bench.md` and `bench.csv`. `compare` is another model's bench folder for the
+    same suite."""
     from medm.eval.report import evaluate, write_report
     from medm.infer.generate import GenerationSettings, Predictor
     from medm.infer.predictions import run_inference
     from medm.registry import TASK
 
     result = BenchResult(suite, model, out, compare=compare)
+    unknown = sorted(set(only or []) - {t.name for t in suite.tasks})
+    if unknown:
+        raise ValueError(f"suite {suite.name!r} has no task {unknown[0]!r}; its tasks: "
+                         f"{', '.join(t.name for t in suite.tasks)}")
     predictor = None
     for spec in suite.tasks:
+        if only and spec.name not in only:
+            row = _row_from_disk(spec, out, compare)  # an earlier run's result keeps its line in the table
+            if row is not None:
+                result.rows.append(row)
+            continue
         task_obj = TASK.build(spec.task)
         data, image_dir = _join(data_root, spec.data), _join(data_root, spec.image_dir)
         records = task_obj.load_records(data, spec.layout)
@@ -165,6 +176,22 @@ def run_bench(suite: Suite, model: str, out: str, *, compare: str | None = None,
                                     (ev.ci or {}).get(key), (ev.comparison or {}).get(key) if other else None))
     result.paths = write_table(result)
     return result
+
+
+def _row_from_disk(spec: BenchTask, out: str, compare: str | None) -> BenchRow | None:
+    """The table line of a task evaluated by an earlier run (its metrics.json), or None."""
+    import json
+
+    from medm.registry import TASK
+
+    path = os.path.join(out, spec.name, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        m = json.load(f)
+    key = headline(TASK.build(spec.task), spec)
+    cmp = (m.get("comparison") or {}).get(key) if compare else None
+    return BenchRow(spec.name, spec.task, key, m.get("n", 0), m.get(key), (m.get("ci") or {}).get(key), cmp)
 
 
 def _f(v: Any) -> str:

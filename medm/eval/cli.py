@@ -40,7 +40,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                        os.path.basename(os.path.normpath(args.model)) or "model")
         result = run_bench(suite, args.model, out, compare=args.compare, data_root=args.data_root,
                            bootstrap=args.bootstrap, seed=args.seed, device=args.device, dtype=args.dtype,
-                           batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+                           batch_size=args.batch_size, limit=args.limit,
+                           only=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+                           progress=not args.no_progress)
     except (OSError, ValueError, KeyError, ConfigError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
@@ -89,6 +91,7 @@ def add_parsers(subparsers) -> None:
                         "written)")
     b.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     b.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    b.add_argument("--tasks", default=None, help="run only these tasks of the suite (comma-separated names)")
     b.add_argument("--limit", type=int, default=None, help="answer at most N questions per task")
     b.add_argument("--batch-size", type=int, default=None, help="questions per generate call (default: the suite's)")
     b.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")

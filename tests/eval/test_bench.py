@@ -124,6 +124,12 @@ def test_bench_writes_the_table_resumes_and_compares(bench_setup, capsys):
         assert float(r["difference"]) == pytest.approx(a[r["figure"]] - b[r["figure"]], abs=0.01)
         assert 0.0 <= float(r["p"]) <= 1.0 and a["compare_predictions"].endswith(f"run_b/{r['task']}/preds.jsonl")
 
+    # --tasks reruns some tasks; the others keep their line, read from their metrics.json.
+    assert _bench(suite, model_a, out_a, root, "--compare", str(out_b), "--tasks", "omni") == 0
+    assert _table(out_a) == rows
+    assert _bench(suite, model_a, out_a, root, "--tasks", "nosuch") == 2
+    assert "suite 'fixture' has no task 'nosuch'; its tasks: vqa, omni, zh" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_bench_resumes_after_a_real_kill(bench_setup, tmp_path):
