@@ -19,15 +19,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import torch
-
-from medm.data.annotations import load_records
-from medm.data.builders.phantoms import KINDS, build_phantoms
-from medm.data.builders.phantoms3d import KINDS as KINDS_3D
-from medm.data.builders.phantoms3d import build_phantoms3d
-from medm.infer import GenerationSettings, Predictor
-from medm.train.args import load_train_config
-from medm.train.trainer import run_training
+# torch, the trainer and the data builders load in `run_demo`, so `medm --help` does not wait for them.
 
 logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -38,8 +30,17 @@ DEMOS = {
     "qwen-vl": ([("finetune_qwenvl", "train", "finetune")], "runs/demo-qwen-vl"),
     "3d": ([("pretrain3d", "captions", "pretrain"), ("finetune3d", "train", "finetune")], "runs/demo3d"),
 }
-# Per model kind whose data are not the 2D phantoms: (builder writing `captions` / `train` / `test`, question kinds).
-DEMO_DATA = {"3d": (build_phantoms3d, KINDS_3D)}
+
+
+def demo_data(kind: str):
+    """(builder writing `captions` / `train` / `test`, question kinds) of a demo kind: 2D phantoms, or volumes."""
+    if kind == "3d":
+        from medm.data.builders.phantoms3d import KINDS, build_phantoms3d
+
+        return build_phantoms3d, KINDS
+    from medm.data.builders.phantoms import KINDS, build_phantoms
+
+    return build_phantoms, KINDS
 
 
 def available_cores() -> int:
@@ -74,6 +75,13 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
              n_train: int = 4000, n_test: int = 200, seed: int = 0, kind: str = "medm",
              threads: int | None = None) -> dict:
     """Build the data, train the stages of `kind` (see `DEMOS`), evaluate, and write `out/results.json`."""
+    import torch
+
+    from medm.data.annotations import load_records
+    from medm.infer import GenerationSettings, Predictor
+    from medm.train.args import load_train_config
+    from medm.train.trainer import run_training
+
     if kind not in DEMOS:
         raise ValueError(f"unknown demo kind {kind!r}; known: {', '.join(DEMOS)}")
     stages, default_out = DEMOS[kind]
@@ -82,7 +90,7 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
     # keeps busy, OpenMP's spin-waiting makes more threads far slower (3.6 s vs 0.47 s a step): --threads 1 there.
     torch.set_num_threads(threads or available_cores())
     data = os.path.join(out, "data")
-    build, kinds = DEMO_DATA.get(kind, (build_phantoms, KINDS))
+    build, kinds = demo_data(kind)
     paths = build(data, n_train=n_train, n_test=n_test, seed=seed)
     t0 = time.time()
     previous = None

@@ -43,10 +43,10 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads where an estimate runs, so `medm --help` does not wait for it
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,8 @@ def meta_model(model_args):
 
     A pretrained LLM keeps its own vocabulary size (or the tokenizer's, when larger), as `build_model` does.
     """
+    import torch
+
     from medm.models.builder import build_model
 
     args, vocab = _offline_model_args(model_args)
@@ -422,6 +424,8 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
         images_per_sample: images (and volumes) per sample for each encoder the model has; default 1.
         config_file: the YAML `cfg` came from (relative `train.deepspeed` paths start there).
     """
+    import torch
+
     from medm.models.llm import resolve_dtype
     from medm.train.stages import LORA, StagePlan, apply_plan, resolve_plan
 
@@ -493,6 +497,8 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
 
 def _quantised_llm_weights(model: nn.Module) -> list[tuple[int, int]]:
     """(numel, element size) of the LLM linear weights QLoRA quantises (all but the output head)."""
+    from torch import nn
+
     base = _base(model)
     head = base.get_output_embeddings()
     out = []

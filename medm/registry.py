@@ -6,6 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 
+class UnknownNameError(KeyError):
+    """A name no component is registered under; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError's own str() is the repr of its message
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry:
     """A name -> factory table.
 
@@ -37,7 +44,7 @@ class Registry:
         _load_components()
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}")
         return self._items[name]
 
     def build(self, name: str, **cfg: Any) -> Any:

@@ -150,6 +150,10 @@ class ChatFormat:
             raise TemplateError("exact label masks need a fast tokenizer (character offsets); got "
                                 f"{type(tokenizer).__name__}")
         if template is not None:
+            if template not in TEMPLATE:
+                raise TemplateError(f"unknown chat template {template!r} (data.template or model.template; --template "
+                                    f"in medm infer / chat / serve); known: {', '.join(TEMPLATE.names())}; or leave "
+                                    "it unset to use the tokenizer's own chat template")
             self.jinja = TEMPLATE.get(template).jinja
         elif getattr(tokenizer, "chat_template", None):
             self.jinja = tokenizer.get_chat_template()

@@ -12,8 +12,6 @@ import logging
 import os
 import sys
 
-from medm.infer.generate import GenerationSettings
-
 
 def _records(args: argparse.Namespace):
     if args.layout == "records":
@@ -38,7 +36,24 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def open_predictor(args: argparse.Namespace, image_dir: str | None = None):
+    """`--model` (over `--base` when given) as a `Predictor` on `--device` with `--dtype`, `--template` and
+    `--system-prompt`: how `medm infer`, `medm chat` and `medm serve` open a model."""
+    import torch
+
+    from medm.infer.generate import Predictor
+    from medm.train.checkpoint import load_trained
+
+    device = args.device
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processing = load_trained(args.model, dtype=args.dtype, device=device, base=args.base)
+    return Predictor(model, processing, template=args.template, system_prompt=args.system_prompt,
+                     image_dir=image_dir)
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from medm.infer.generate import GenerationSettings
     from medm.infer.predictions import run_inference
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
@@ -53,16 +68,19 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         records = _records(args)
         if args.limit is not None:
             records = records[:args.limit]
-        result = run_inference(args.model, records, args.out, data=args.data, image_dir=args.image_dir,
+        # With --base the model is opened here; else run_inference opens it once the records need answers.
+        model = open_predictor(args, args.image_dir) if args.base else args.model
+        result = run_inference(model, records, args.out, data=args.data, image_dir=args.image_dir,
                                batch_size=args.batch_size, settings=settings, resume=args.resume,
                                overwrite=args.overwrite, blank_images=args.blank_images, device=args.device,
                                dtype=args.dtype, template=args.template, system_prompt=args.system_prompt,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     kept = f" ({result.skipped} kept from the earlier run)" if result.skipped else ""
-    print(f"wrote {result.written} prediction(s) to {result.out}; it holds {result.total}{kept}")
+    errors = f", {result.errors} of them error lines (unreadable media)" if result.errors else ""
+    print(f"wrote {result.written} prediction(s) to {result.out}{errors}; it holds {result.total}{kept}")
     return 0
 
 
@@ -74,6 +92,8 @@ def add_parsers(subparsers) -> None:
                     "fields; lines are written as each batch finishes, and --resume finishes a killed run.")
     p.add_argument("--model", required=True, help="checkpoint directory (a training run's output_dir, a "
                                                   "checkpoint-N, or an exported model)")
+    p.add_argument("--base", default=None, help="the full checkpoint a LoRA / connector-only --model builds on, "
+                                                "when it is no longer where its medm_checkpoint.json says")
     p.add_argument("--data", required=True, help="questions: medm / LLaVA / ShareGPT records (JSON or JSONL), or a "
                                                  "benchmark's published file with --layout")
     p.add_argument("--out", required=True, help="predictions JSONL file to write")
@@ -96,4 +116,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--template", default=None, help="registered chat template; default: the model's")
     p.add_argument("--system-prompt", default=None, help="system prompt; default: the model's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python files the checkpoint ships "
+                                                                    "(`auto_map`); off by default: only for "
+                                                                    "checkpoints you trust")
     p.set_defaults(func=_cmd_infer)

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from medm.config import ConfigError, arg, from_dict, to_dict
+from medm.models._hub import require_available
 from medm.models.configuration_medm import MedMConfig
 from medm.models.llm import load_llm, resolve_dtype, resolve_text_config, warn_remote_code
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
@@ -141,6 +142,13 @@ def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGen
     """
     if isinstance(args, dict):
         args = parse_model_args(args)
+    # A hub model that is not on disk fails here, naming its setting, when it cannot be downloaded.
+    if args.kind == "qwen-vl":
+        require_available(getattr(args.qwenvl, "path", None), "model.qwenvl.path")
+    else:
+        require_available(args.llm.path, "model.llm.path")
+        if args.llm.tiny_tokenizer is None and args.llm.tokenizer:
+            require_available(args.llm.tokenizer, "model.llm.tokenizer", "tokenizer_config.json")
     if args.kind == "qwen-vl":
         from medm.qwenvl.model import build_qwenvl
 

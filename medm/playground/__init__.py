@@ -1,12 +1,24 @@
 """The Gradio playground: chat with a model about an image or a volume (`python playground.py`, `medm playground`).
 
-Built on `medm.infer.Predictor` (generation, streaming) and the dataset's own image / volume loaders.
+Built on `medm.infer.Predictor` (generation, streaming) and the dataset's own image / volume loaders. Names load on
+first use, so `medm.cli` can import `medm.playground.cli` without importing torch.
 """
 
-from medm.playground.chat import Session
-from medm.playground.media import Upload, UploadError, open_upload
-from medm.playground.model_info import Example, load_examples, model_markdown, model_rows
-from medm.playground.viewer import DEFAULT_WINDOW, WINDOW_CHOICES, SliceViewer
+from importlib import import_module
 
-__all__ = ["DEFAULT_WINDOW", "WINDOW_CHOICES", "Example", "Session", "SliceViewer", "Upload", "UploadError",
-           "load_examples", "model_markdown", "model_rows", "open_upload"]
+_EXPORTS = {
+    "Session": "medm.playground.chat",
+    "Upload": "medm.playground.media", "UploadError": "medm.playground.media", "open_upload": "medm.playground.media",
+    "Example": "medm.playground.model_info", "load_examples": "medm.playground.model_info",
+    "model_markdown": "medm.playground.model_info", "model_rows": "medm.playground.model_info",
+    "DEFAULT_WINDOW": "medm.playground.viewer", "WINDOW_CHOICES": "medm.playground.viewer",
+    "SliceViewer": "medm.playground.viewer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medm.playground' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -16,7 +16,7 @@ import tempfile
 def _model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (a training run's output_dir, a "
                                                   "checkpoint-N, or an exported model)")
-    p.add_argument("--base", default=None, help="the full checkpoint a LoRA / components checkpoint builds on, "
+    p.add_argument("--base", default=None, help="the full checkpoint a LoRA / connector-only --model builds on, "
                                                 "when it is no longer where its medm_checkpoint.json says")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:1, cpu")
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32; default: the checkpoint's")
@@ -26,20 +26,6 @@ def _model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help=f"longest answer in tokens (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1)")
-
-
-def open_predictor(args: argparse.Namespace):
-    """The `--model` (over `--base` when given) as a `medm.infer.Predictor` on `--device`."""
-    import torch
-
-    from medm.infer import Predictor
-    from medm.train.checkpoint import load_trained
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_trained(args.model, dtype=args.dtype, device=device, base=args.base)
-    return Predictor(model, tokenizer, template=args.template, system_prompt=args.system_prompt)
 
 
 def _settings(args: argparse.Namespace):
@@ -57,6 +43,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print("error: give --image or --volume, not both (one picture per conversation; /image and /volume "
               "change it later)", file=sys.stderr)
         return 2
+    from medm.infer.cli import open_predictor
+
     predictor = open_predictor(args)
     with tempfile.TemporaryDirectory(prefix="medm-chat-") as work:  # unpacked DICOM series, volume cache
         loop = ChatLoop(predictor, _settings(args), whole_volumes=takes_volumes(args.model), work_dir=work)
@@ -70,6 +58,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from medm.infer.cli import open_predictor
     from medm.serve.api import build_app
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)

@@ -73,8 +73,9 @@ def base_dir(ckpt_dir: str, meta: dict | None = None) -> str:
         raise ValueError(f"{ckpt_dir}: a {meta['format']} checkpoint without a `base` in {META_FILE}")
     path = os.path.normpath(os.path.join(ckpt_dir, meta["base"]))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{ckpt_dir}: its base weights {path!r} are missing (moved or deleted?); "
-                                f"pass base= to load_trained")
+        raise FileNotFoundError(f"{ckpt_dir}: its base weights {path!r} are missing (moved or deleted?); give "
+                                "their new place with --base DIR (medm infer, chat, serve, export; base= in "
+                                "load_trained)")
     return path
 
 
@@ -157,7 +158,8 @@ def load_trained(ckpt_dir: str, dtype: str | None = None, device: str | torch.de
 def load_init_weights(model: nn.Module, ckpt_dir: str) -> dict:
     """`stage.init_from`: copy the weights an earlier stage's checkpoint holds into a freshly built model."""
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"stage.init_from: {ckpt_dir!r} does not exist")
+        raise FileNotFoundError(f"stage.init_from: {ckpt_dir!r} does not exist; train the earlier stage first, "
+                                "point stage.init_from at its output_dir, or set stage.init_from=null")
     meta = read_meta(ckpt_dir)
     if meta["format"] == FULL and checkpoint_kind(ckpt_dir) == "medm":
         state = _load_full_state(ckpt_dir)

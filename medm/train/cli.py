@@ -80,11 +80,47 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# The train YAML's sections and nested sections, with the dataclass listing their keys (module, class).
+_SECTIONS = {"model": ("medm.models.builder", "ModelArgs"), "model.llm": ("medm.models.builder", "LLMArgs"),
+             "data": ("medm.data.dataset", "DataArgs"), "stage": ("medm.train.args", "StagePlan"),
+             "train": ("medm.train.args", "TrainArgs")}
+
+
+def config_keys_text(width: int = 100) -> str:
+    """What `medm train --help` lists after the arguments: each section's keys, and where they are explained."""
+    import dataclasses
+    import importlib
+    import textwrap
+
+    lines = textwrap.wrap("settings: KEY=VALUE after the YAML (or in the YAML), e.g. train.max_steps=10 "
+                          "data.path=train.json model=configs/model/tiny.yaml. Every key with its type, default and "
+                          "meaning: docs/config_reference.md. The keys of each section:", width) + [""]
+    for section, (module, name) in _SECTIONS.items():
+        keys = ", ".join(f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name)))
+        lines += textwrap.wrap(f"{section}: {keys}", width, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+class _HelpWithKeys(argparse.Action):
+    """-h for `medm train`: the usage, then `config_keys_text` (read from the config classes only when asked, as they
+    import torch)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.epilog = config_keys_text()
+        parser.print_help()
+        parser.exit()
+
+
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train one stage: medm train CONFIG [a.b=c ...]",
+    p = subparsers.add_parser("train", help="train one stage: medm train CONFIG [a.b=c ...]", add_help=False,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Train one stage from a train YAML (configs/train/*.yaml); dotted "
-                                          "overrides such as train.learning_rate=1e-4 or "
-                                          "model=configs/model/tiny.yaml follow the file.")
+                                          "overrides such as train.learning_rate=1e-4 or\n"
+                                          "model=configs/model/tiny.yaml follow the file. The keys are listed below.")
+    p.add_argument("-h", "--help", action=_HelpWithKeys, help="show this help, with every section's keys, and exit")
     p.add_argument("config", help="train YAML with model / data / stage / train sections")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, applied in order (values parsed as YAML)")
     p.set_defaults(func=_cmd_train)
