@@ -42,3 +42,41 @@ def test_paired_comparison_of_a_better_and_an_identical_system():
     assert back["diff"] == pytest.approx(-20.0) and back["ci"] == pytest.approx([-out["ci"][1], -out["ci"][0]])
     same = paired_comparison(_stat(a), _stat(a), n, resamples=200, seed=0)["closed_accuracy"]
     assert same["diff"] == 0.0 and same["ci"] == [0.0, 0.0] and same["p"] == 1.0
+
+
+def _score_rows(task_name):
+    vqa = [{"id": "a", "prediction": "Yes.", "answer": "yes", "answer_type": "CLOSED"},
+           {"id": "b", "prediction": "no", "answer": "yes", "answer_type": "CLOSED"},
+           {"id": "c", "prediction": "left lung", "answer": "left lower lobe", "answer_type": "OPEN"},
+           {"id": "d", "prediction": "CT", "answer": "CT", "question": "Is this an MRI or a CT?",
+            "answer_type": "CLOSED"}]
+    rows = {
+        "vqa": vqa,
+        "report-zh": [{"id": "r1", "prediction": "双肺纹理增多，心影不大", "answer": "双肺纹理增多，心影正常"},
+                      {"id": "r2", "prediction": "心影正常", "answer": "双肺纹理清晰，心影正常"},
+                      {"id": "r3", "prediction": "", "answer": "未见异常"}],
+        "omnimedvqa": [{"id": str(i), "prediction": p, "answer": "B", "options": {"A": "CT", "B": "MRI"}}
+                       for i, p in enumerate(["MRI", "CT scan", "", "magnetic resonance"])],
+        "grounding": [{"id": "g1", "prediction": '{"bbox_2d": [0, 0, 10, 10]}', "answer": [0, 0, 10, 20]},
+                      {"id": "g2", "prediction": "no box", "answer": [0, 0, 10, 20]}],
+    }
+    return rows[task_name]
+
+
+@pytest.mark.parametrize("name", ["vqa", "report-zh", "omnimedvqa", "grounding"])
+def test_fast_scorers_equal_rescoring_the_resampled_rows(name):
+    import random
+
+    from medm.registry import TASK
+
+    task = TASK.build(name)
+    rows = task.prepare(_score_rows(name), "test")
+    protocol = task.check_protocol(None)
+    stat = task.scorer(rows, protocol)
+    rng = random.Random(0)
+    for _ in range(20):
+        idx = [rng.randrange(len(rows)) for _ in rows]
+        fast, slow = stat(idx), task.score([rows[i] for i in idx], protocol)
+        assert set(fast) == set(slow)
+        for k, v in slow.items():
+            assert fast[k] == (pytest.approx(v) if isinstance(v, float) else v), k

@@ -54,6 +54,19 @@ class GroundingTask(Task):
                     raise TaskError(f"{row_name(row, i)}: {e}") from None
             raise
 
+    def scorer(self, rows, protocol):
+        # Each row's IoU once; a resample only re-averages them (the figures of `score_grounding`).
+        per_row = [self.score([row], protocol) for row in rows]
+
+        def stat(idx):
+            picked = [per_row[i] for i in idx]
+            n = len(picked)
+            return {"protocol": PROTOCOL, "n": n, "threshold": self.threshold,
+                    "n_unparsed": sum(p["n_unparsed"] for p in picked),
+                    "mean_iou": sum(p["mean_iou"] for p in picked) / n if n else None,
+                    "acc_at_iou": sum(p["acc_at_iou"] for p in picked) / n if n else None}
+        return stat
+
     def protocol_note(self, protocol):
         return (f"box-iou: IoU of the first predicted box with the reference box; Acc@{self.threshold:g} is the "
                 f"share with IoU >= {self.threshold:g}; a prediction without a box scores 0.")
