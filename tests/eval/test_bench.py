@@ -40,6 +40,8 @@ def bench_setup(tmp_path_factory):
     vqa = [{"id": f"v{i}", "image": f"{i}.png", "answer": a, "conversations": [{"from": "human", "value": q}]}
            for i, (q, a) in enumerate([("<image>\nIs there a mass?", "yes"), ("<image>\nWhich lobe?", "left lobe"),
                                        ("<image>\nIs it a CT?", "no"), ("<image>\nAny effusion?", "no")])]
+    vqa.append({"id": "v4", "image": ["0.png", "1.png"], "answer": "no",  # two views: multi-image records run too
+                "conversations": [{"from": "human", "value": "<image>\n<image>\nHas the lesion grown?"}]})
     (root / "data" / "vqa.json").write_text(json.dumps(vqa))
     # OmniMedVQA in its published layout, read with --layout.
     qa = root / "data" / "OmniMedVQA" / "QA_information" / "Open-access"
@@ -87,7 +89,7 @@ def test_bench_writes_the_table_resumes_and_compares(bench_setup, capsys):
     assert _bench(suite, model_a, out_a, root) == 0
     rows = _table(out_a)
     assert [(r["task"], r["benchmark"], r["figure"], r["n"]) for r in rows] == [
-        ("vqa", "vqa", "closed_accuracy", "4"), ("omni", "omnimedvqa", "accuracy", "3"),
+        ("vqa", "vqa", "closed_accuracy", "5"), ("omni", "omnimedvqa", "accuracy", "3"),
         ("zh", "report-zh", "rouge1", "3")]
     for r in rows:  # each row is its task's metrics.json
         m = json.loads((out_a / r["task"] / "metrics.json").read_text())
@@ -106,7 +108,8 @@ def test_bench_writes_the_table_resumes_and_compares(bench_setup, capsys):
         f.unlink()
     (out_a / "zh").rmdir()
     assert _bench(suite, model_a, out_a, root) == 0
-    assert _ids(preds) == ["v0", "v1", "v2", "v3"]
+    assert _ids(preds) == ["v0", "v1", "v2", "v3", "v4"]
+    assert json.loads(preds.read_text().splitlines()[4])["image"] == ["0.png", "1.png"]
     assert json.loads(preds.read_text().splitlines()[0])["prediction"] == "yes (kept from the first run)"
     assert _ids(out_a / "zh" / "preds.jsonl") == ["z0", "z1", "z2"] and len(_table(out_a)) == 3
 
@@ -151,7 +154,7 @@ def test_bench_resumes_after_a_real_kill(bench_setup, tmp_path):
     kept = json.loads(answered[0])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert _ids(first) == ["v0", "v1", "v2", "v3"] and json.loads(first.read_text().splitlines()[0]) == kept
+    assert _ids(first) == ["v0", "v1", "v2", "v3", "v4"] and json.loads(first.read_text().splitlines()[0]) == kept
     assert len(_table(out)) == 3
 
 
