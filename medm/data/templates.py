@@ -94,19 +94,20 @@ PRETRAIN = (
     "{%- endif -%}{%- endfor -%}"
 )
 
-# MedM-VL (conv_version qwen2; other LLMs the same text with their EOS): "{system} USER: {q} ASSISTANT: {a}<eos>"
-# with a space before every turn; the image placeholder stays where the record put it.
+# MedM-VL (conv_version qwen2, lvlm/dataset/template at 193feb7 and 225fc0f; other LLMs the same text with their
+# EOS): "{system} USER: {q} ASSISTANT: {a}<eos>USER: {q2} ASSISTANT: ..." -- no space after the EOS before a later
+# turn's "USER:"; question and answer stripped as MedM-VL does; the image placeholder stays where the record put it.
 MEDM_VL = (
     "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
     "{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}{%- set system = '" + _LLAVA_SYSTEM.replace("'", "\\'") + "' -%}"
     "{%- set loop_messages = messages -%}{%- endif -%}"
-    "{{ system }}"
+    "{{ system + ' ' }}"
     "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ ' USER: ' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' + message['content'] + eos_token }}"
+    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] | trim + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] | trim + eos_token }}"
     "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
 # TinyLLaVA_Factory (phi, qwen2_base, qwen2_instruct, llama, gemma templates; they differ only in the EOS, which is
@@ -129,7 +130,7 @@ TINYLLAVA = (
 )
 
 TEMPLATE.register("phi2")(ChatTemplate(PHI2, "Phi-2 QA format: 'Instruct: q\\nOutput: a<eos>'"))
-TEMPLATE.register("medm-vl")(ChatTemplate(MEDM_VL, "MedM-VL: '{system} USER: q ASSISTANT: a<eos> USER: ...'"))
+TEMPLATE.register("medm-vl")(ChatTemplate(MEDM_VL, "MedM-VL: '{system} USER: q ASSISTANT: a<eos>USER: ...'"))
 TEMPLATE.register("tinyllava")(ChatTemplate(TINYLLAVA, "TinyLLaVA_Factory: '{system} USER: <image>\\nq ASSISTANT: "
                                                        "a<eos>USER: ...' (image moved to the front)"))
 TEMPLATE.register("vicuna")(ChatTemplate(VICUNA, "LLaVA v1 / Vicuna: '{system} USER: q ASSISTANT: a</s>'"))

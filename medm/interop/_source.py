@@ -203,6 +203,30 @@ def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], where: 
     return out
 
 
+def hf_legacy_names(weights: WeightMap, prefix: str, model_class) -> None:
+    """Rename, in place, the medm weights under `prefix` (a transformers model of `model_class`, e.g. a CLIP / SigLIP
+    vision tower) from the names older transformers saved to today's, with transformers' own checkpoint conversion
+    for that class (4.x `CLIPVisionModel` / `SiglipVisionModel` state dicts carry a `vision_model.` level that 5.x
+    dropped and maps only inside its `from_pretrained`)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    transforms = get_checkpoint_conversion_mapping(model_class.__name__) or []
+    if not transforms:
+        return
+    for src, dst in list(weights.names.items()):
+        if not dst.startswith(prefix):
+            continue
+        key = dst[len(prefix):]
+        for transform in transforms:
+            key, _ = transform.rename_source_key(key)
+        if prefix + key != dst:
+            if prefix + key in weights.state:
+                raise ImportFormatError(f"weights {weights.src_of(prefix + key)!r} and {src!r} both map to medm's "
+                                        f"{prefix + key!r}")
+            weights.state[prefix + key] = weights.state.pop(dst)
+            weights.names[src] = prefix + key
+
+
 # ---- writing --------------------------------------------------------------------------------------------------
 @dataclass
 class ImportSpec:
@@ -273,6 +297,21 @@ def write_medm_checkpoint(spec: ImportSpec, src: str, out: str, *, fmt: str, fam
                         image3d_token_id=tokenizer.convert_tokens_to_ids(IMAGE3D_TOKEN))
     with torch.device("meta"):
         model = MedMForConditionalGeneration(config)
+    if not tied and getattr(config.text_config, "tie_word_embeddings", False):
+        # A saved head that differs from the embeddings (MedM-VL's finetune re-initialises the head its pretrain
+        # checkpoint omitted, under a config that still says tied) is a head of its own: written into config.json and
+        # model.yaml, so every way of reopening the checkpoint keeps it apart.
+        emb_key = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+        if emb_key in state and not torch.equal(state[emb_key], state["llm.lm_head.weight"]):
+            logger.warning("%s: lm_head differs from the input embeddings though the LLM config says "
+                           "tie_word_embeddings: true; imported untied (tie_word_embeddings: false)", src)
+            text_config.tie_word_embeddings = False
+            config.text_config.tie_word_embeddings = False
+            with torch.device("meta"):
+                model = MedMForConditionalGeneration(config)
+        elif emb_key in state:
+            state = {k: v for k, v in state.items() if k != "llm.lm_head.weight"}  # the same tensor, saved twice
+            tied = True
     own = model.state_dict()
     missing = [k for k in own if k not in state and not (tied and k == "llm.lm_head.weight")]
     extra = [k for k in state if k not in own]

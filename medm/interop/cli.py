@@ -17,7 +17,8 @@ import sys
 FORMATS = ("llava-hf", "medm-vl", "tinyllava")
 # Options that only some source formats read.
 _SOURCE_OPTIONS = {"llm_path": ("medm-vl", "tinyllava"), "encoder_path": ("medm-vl", "tinyllava"),
-                   "encoder3d_path": ("medm-vl",), "image3d_slices": ("medm-vl",)}
+                   "encoder3d_path": ("medm-vl",), "image3d_slices": ("medm-vl",),
+                   "ct_intensity": ("medm-vl",)}
 
 
 def _run_import(args: argparse.Namespace) -> str:
@@ -30,7 +31,8 @@ def _run_import(args: argparse.Namespace) -> str:
         from medm.interop.medm_vl import import_medm_vl
 
         return import_medm_vl(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path,
-                              encoder3d_path=args.encoder3d_path, image3d_slices=args.image3d_slices, **common)
+                              encoder3d_path=args.encoder3d_path, image3d_slices=args.image3d_slices,
+                              ct_intensity=args.ct_intensity, **common)
     if args.format == "tinyllava":
         from medm.interop.tinyllava import import_tinyllava
 
@@ -81,4 +83,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--image3d-slices", type=int, default=None, help="medm-vl: the checkpoint's 2D encoder reads "
                                                                     "volumes slice by slice (MedM-VL-CT-Chest: 32); "
                                                                     "import it as a 3D tower of this many slices")
+    p.add_argument("--ct-intensity", choices=("hu", "uint8"), default=None,
+                   help="medm-vl with --image3d-slices: how the checkpoint's MedM-VL version read CT .npy volumes: "
+                        "hu (b1b0770 and later: HU clipped to -1000..1000, scaled to 0..255) or uint8 (193feb7, "
+                        "the release era: stored uint8); default: hu for the current config format (lvlm_ keys), "
+                        "uint8 for the released one")
     p.set_defaults(func=_cmd_import)

@@ -200,10 +200,14 @@ def check_exportable(config) -> dict[str, Any]:
                           f"{cls.model_class.__name__} from a {type(vcfg).__name__}, so LLaVA's vision_tower would "
                           "differ")
     pre = cls.preprocessor(config.vision)
-    if vcfg.num_channels != 3 or pre.channels != 3:
+    grayscale = vcfg.num_channels == 1 and pre.channels == 1
+    if not grayscale and (vcfg.num_channels != 3 or pre.channels != 3):
         raise ExportError(f"vision encoder {config.vision['name']!r} takes {vcfg.num_channels}-channel images "
-                          f"({pre.channels} normalisation values); LLaVA's image processors convert every image to "
-                          "RGB, so they cannot feed a grayscale encoder")
+                          f"({pre.channels} normalisation values); LLaVA's image processors give RGB, which "
+                          "feeds a 3-channel encoder or, through its grayscale conversion, a 1-channel one")
+    if grayscale:
+        # LLaVA feeds RGB: a 3-channel tower whose channel weights are the 1-channel ones / 3 (medm.interop._grayscale)
+        vcfg = cls.config_class(**{**config.vision["config"], "num_channels": 3})
     if pre.resize not in ("squash", "pad"):
         raise ExportError(f"vision.resize {pre.resize!r} has no LLaVA image processor setting")
     if pre.resample not in _RESAMPLE_CODES:
@@ -220,7 +224,9 @@ def check_exportable(config) -> dict[str, Any]:
     depth, act = _projector(config)
     return {"vision_config": vcfg, "vision_feature_layer": select_layer, "vision_feature_select_strategy": strategy,
             "num_additional_image_tokens": cls.num_cls_tokens, "patch_size": vcfg.patch_size,
-            "projector_depth": depth, "projector_hidden_act": act, "preprocess": pre}
+            "projector_depth": depth, "projector_hidden_act": act, "preprocess": pre, "grayscale": grayscale,
+            "image_mean": list(pre.mean) * (3 if grayscale else 1),
+            "image_std": list(pre.std) * (3 if grayscale else 1)}
 
 
 def llava_config(config, num_image_tokens: int):
@@ -280,6 +286,11 @@ def to_llava_state_dict(model) -> dict[str, torch.Tensor]:
     if depth == 2:
         rules.append(_PROJ_2)
     state = _rename(model.state_dict(), rules, "medm -> LLaVA", ExportError)
+    if model.vision.model.config.num_channels == 1:  # grayscale tower: 3 channels of weights / 3 (_grayscale)
+        from medm.interop._grayscale import patch_embedding_key, rgb_patch_weight
+
+        key = patch_embedding_key(model.vision.model, _VISION[1])
+        state[key] = rgb_patch_weight(state[key])
     if depth == 1:
         w = state["model.multi_modal_projector.linear_1.weight"]
         d = w.shape[0]
@@ -339,8 +350,8 @@ def llava_processor(config, tokenizer, num_image_tokens: int):
         do_resize=True, size={"height": h, "width": w}, resample=_RESAMPLE_CODES[pre.resample],
         # No centre crop: medm resizes the whole image (squash) or pads it to a square first (pad, do_pad).
         do_center_crop=False, crop_size={"height": h, "width": w}, do_pad=pre.resize == "pad",
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(pre.mean),
-        image_std=list(pre.std), do_convert_rgb=True)
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=spec["image_mean"],
+        image_std=spec["image_std"], do_convert_rgb=True)
     tok = copy.deepcopy(tokenizer)
     jinja = export_chat_template(_chat_format(config, tokenizer).jinja, config.system_prompt)
     tok.chat_template = jinja
@@ -574,6 +585,13 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
               "config": {k: v for k, v in cfg.vision_config.to_diff_dict().items() if k != "transformers_version"},
               "select_layer": layer, "select_feature": select_feature,
               **_preprocess_settings(image_processor, cfg.vision_config.image_size, src)}
+    from medm.interop._grayscale import gray_patch_weight, is_grayscale_export, patch_embedding_key
+
+    patch = llava.model.vision_tower.get_input_embeddings().weight
+    grayscale = is_grayscale_export(patch, vision.get("image_mean"), vision.get("image_std"))
+    if grayscale:  # a medm grayscale tower exported as RGB (equal channel weights, one mean / std): back to 1 channel
+        vision["config"]["num_channels"] = 1
+        vision["image_mean"], vision["image_std"] = vision["image_mean"][:1], vision["image_std"][:1]
     fam = family or (text_config.model_type if text_config.model_type in LLM.names() else "auto")
     llm_settings = {"family": fam, "path": None, "dtype": _DTYPE_NAMES.get(llava.dtype, "float32"),
                     "attn_implementation": "sdpa", "trust_remote_code": False,
@@ -587,6 +605,9 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
     model = _on_meta(lambda: MedMForConditionalGeneration(config))
     state = from_llava_state_dict(llava.state_dict(), connector_type == "linear", model.llm.base_model_prefix,
                                   cfg.multimodal_projector_bias)
+    if grayscale:
+        key = patch_embedding_key(model.vision.model, "vision.model.")
+        state[key] = gray_patch_weight(state[key])
     _assign(model, state, f"{src} -> medm")
     if getattr(text_config, "tie_word_embeddings", False):
         model.llm.tie_weights()

@@ -39,12 +39,14 @@ from typing import Any
 
 import torch
 
+from medm.data._medm_vl_ct import MEDM_VL_CT
 from medm.interop._source import (
     ImportSpec,
     WeightMap,
     config_dict,
     config_json,
     hf_config,
+    hf_legacy_names,
     image_processor,
     load_tokenizer,
     load_weights,
@@ -67,9 +69,11 @@ _OPTION = {"llm": "llm-path", "encoder_image": "encoder-path", "encoder_image3d"
 # MedM-CLIP-CT's input standardisation (MedM-VL's Image3DProcessor for medmclip).
 _MEDMCLIP_MEAN_STD = [55.6982188356434, 66.1943479570918]
 # How MedM-VL's stored volumes are read, per 3D route (see docs/migrating.md for raw NIfTI / DICOM):
-# slices: uint8 .npy already windowed (HU -1000..1000 -> 0..255), cropped and resized to (32, 256, 256);
 # m3dclip: M3D's float .npy in [0, 1]; medmclip: raw values, standardised, foreground-cropped and resized here.
-_VOLUME = {"slices": {"intensity": "uint8"}, "m3d": {"intensity": "none"},
+# The slices route (CT-Chest) uses MedM-VL's own steps instead (`medm_vl_ct`, medm.data._medm_vl_ct):
+_CT_NOTE = {"hu": "HU clipped to -1000..1000 and scaled to 0..255, as MedM-VL b1b0770 and later",
+            "uint8": "stored uint8 volumes, as MedM-VL 193feb7 (the release era)"}
+_VOLUME = {"m3d": {"intensity": "none"},
            "medm-clip-ct": {"intensity": "standardize", "standardize": _MEDMCLIP_MEAN_STD, "crop_foreground": True}}
 
 
@@ -208,8 +212,9 @@ def _vit3d_weights(section: dict[str, Any], state: dict[str, torch.Tensor], weig
 
 
 def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_path: str | None = None,
-                   encoder3d_path: str | None = None, image3d_slices: int | None = None, family: str | None = None,
-                   template: str | None = None, system_prompt: str | None = None, dtype: str | None = None) -> str:
+                   encoder3d_path: str | None = None, image3d_slices: int | None = None,
+                   ct_intensity: str | None = None, family: str | None = None, template: str | None = None,
+                   system_prompt: str | None = None, dtype: str | None = None) -> str:
     """`medm import medm-vl SRC OUT`: a medm checkpoint (config, weights, tokenizer, model.yaml, README.md) that
     answers MedM-VL's prompts as the MedM-VL model does.
 
@@ -219,6 +224,11 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
         image3d_slices: MedM-VL runs volumes through its 2D encoder slice by slice (MedM-VL-CT-Chest, 32 slices):
             the imported model then has that encoder and connector as its 3D tower (`vision3d: slices`), reading
             `<image3d>` volumes of this many slices, and no 2D tower.
+        ct_intensity: with `image3d_slices`, how the checkpoint's MedM-VL version read its CT `.npy` volumes
+            (reproduced by `medm.data._medm_vl_ct`): `hu` (b1b0770 and later: HU clipped to -1000..1000 and scaled
+            to 0..255) or `uint8` (193feb7, the release era: stored uint8). Default from the checkpoint's
+            config.json: `hu` for the current format (`lvlm_` keys, introduced by b1b0770 with the clipping),
+            `uint8` for the released models' format.
         family, template, system_prompt, dtype: as `medm import llava-hf`; template default `medm-vl`.
 
     Raises:
@@ -229,7 +239,12 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
         raise ImportFormatError(f"{src}: no config.json; not a MedM-VL checkpoint directory")
-    s = read_settings(read_json(cfg_path), src)
+    raw = read_json(cfg_path)
+    s = read_settings(raw, src)
+    if ct_intensity is None:
+        ct_intensity = "hu" if any(k.startswith("lvlm_") for k in raw) else "uint8"
+    elif ct_intensity not in MEDM_VL_CT:
+        raise ImportFormatError(f"--ct-intensity must be one of {', '.join(MEDM_VL_CT)}, got {ct_intensity!r}")
     if template is not None:
         TEMPLATE.get(template)
     text_config = hf_config(_section_config(s, "llm", llm_path, src), f"{src}: LLM config")
@@ -269,12 +284,13 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
                                        state, src)
         rules += c_rules
         if image3d_slices:
-            vision3d = {"name": "slices", "encoder": enc2d, "num_slices": image3d_slices,
-                        "volume": dict(_VOLUME["slices"])}
+            vision3d = {"name": "slices", "encoder": enc2d, "num_slices": image3d_slices, "volume": {},
+                        "medm_vl_ct": ct_intensity}
             conn3d = c_section
             rules.append(("encoder_image.encoder.", "vision3d.encoder.model."))
             notes.append(f"MedM-VL ran volumes through its 2D encoder: here `vision3d: slices` ({image3d_slices} "
-                         "slices, MedM-VL's preprocessed uint8 volumes; see docs/migrating.md for raw CT).")
+                         f"slices), reading MedM-VL's CT .npy volumes with its own steps (`medm_vl_ct: "
+                         f"{ct_intensity}`: {_CT_NOTE[ct_intensity]}); see docs/migrating.md for raw CT.")
         else:
             vision, conn = enc2d, c_section
             rules.append(("encoder_image.encoder.", "vision.model."))
@@ -288,6 +304,11 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
         notes.append(f"Volumes are read as MedM-VL's stored {s['encoder_image3d_type']} inputs "
                      f"(`vision3d.volume`: {vision3d['volume']}); see docs/migrating.md for raw CT.")
     rename(state, rules, src, weights)
+    if enc2d is not None:  # transformers 4.x CLIP / SigLIP names (`encoder.vision_model.*`), as MedM-VL saves them
+        from medm.registry import VISION
+
+        hf_legacy_names(weights, "vision3d.encoder.model." if image3d_slices else "vision.model.",
+                        VISION.get(enc2d["name"]).model_class)
     tokenizer = load_tokenizer([src, llm_path, s.get("llm_name_or_path")], src)
     spec = ImportSpec(text_config=text_config, vision=vision, connector=conn, vision3d=vision3d, connector3d=conn3d,
                       template=template or "medm-vl", tokenizer=tokenizer, weights=weights)

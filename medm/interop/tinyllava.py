@@ -43,6 +43,7 @@ from medm.interop._source import (
     config_dict,
     config_json,
     hf_config,
+    hf_legacy_names,
     image_processor,
     load_tokenizer,
     load_weights,
@@ -166,6 +167,8 @@ def import_tinyllava(src: str, out: str, *, llm_path: str | None = None, encoder
     weights: WeightMap = rename(load_tinyllava_weights(src), [
         ("language_model.", "llm."), ("vision_tower._vision_tower.", "vision.model."),
         ("connector._connector.", mlp_prefix)], src)
+    # TinyLLaVA saves its tower under transformers 4.x names (`vision_model.*`); today's drop that level.
+    hf_legacy_names(weights, "vision.model.", VISION.get(enc_name).model_class)
     tokenizer = load_tokenizer([src, llm_path, cfg.get("tokenizer_name_or_path"), cfg.get("llm_model_name_or_path")],
                                src)
     spec = ImportSpec(text_config=text_config, vision=vision, connector={"name": "mlp", "type": connector_type},

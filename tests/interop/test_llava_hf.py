@@ -176,8 +176,9 @@ REFUSALS = {
                          connector3d={"name": "mlp", "type": "mlp2x_gelu"}), r"3D tower \(vision3d: 'vit3d'"),
     "open_clip": (_config(vision={"name": "open_clip", **tiny_vision("open_clip")}),
                   r"'open_clip'.*not a transformers vision model"),
-    "grayscale": (_config(vision={"name": "clip", "config": {**tiny_vision("clip")["config"], "num_channels": 1},
-                                  "image_mean": [0.5], "image_std": [0.5]}), r"1-channel images.*RGB"),
+    # Grayscale towers export (test_llava_hf_grayscale.py); RGB feeds no other channel count.
+    "two channels": (_config(vision={"name": "clip", "config": {**tiny_vision("clip")["config"], "num_channels": 2},
+                                     "image_mean": [0.5, 0.5], "image_std": [0.5, 0.5]}), r"2-channel images.*RGB"),
     "pooling connector": (_config(connector={"name": "spatial_pool", "pool": "avg", "stride": 2}),
                           r"connector 'spatial_pool'.*pools or resamples"),
     "deep mlp": (_config(connector={"name": "mlp", "type": "mlp3x_gelu"}), r"'mlp3x_gelu' has 3 Linear layers"),

@@ -1,0 +1,120 @@
+"""`medm import medm-vl | tinyllava` on checkpoints written by the peers' OWN code (tests/interop/fixtures, made by
+make_peer_fixtures.py from MedM-VL 225fc0f / 193feb7 and TinyLLaVA_Factory 53f12c7 under the transformers versions
+they pin; see fixtures/README.md). For every case: the prompt string is byte-equal to the peer's, the inference ids
+and the training record's ids and labels equal the peer's dataset output, and the logits are within 1e-4 of the
+peer's own forward, both from `load_trained` on the imported directory and from `model.yaml` + `stage.init_from`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medm.cli import main
+from medm.config import load_yaml
+from medm.data.annotations import load_records
+from medm.data.dataset import DataArgs, build_dataset
+from medm.data.templates import expand_media
+from medm.models import build_model
+from medm.train.checkpoint import load_init_weights, load_trained
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IMAGE_ID, IMAGE3D_ID, IGNORE = -200, -201, -100  # the peers' placeholder ids
+
+# case -> (import format, options beyond the base paths)
+CASES = {
+    "medmvl-2d-siglip": ("medm-vl", []),
+    "medmvl193-2d-clip": ("medm-vl", []),
+    "medmvl-ct-slices": ("medm-vl", ["--image3d-slices", "32"]),
+    "medmvl193-ct-slices": ("medm-vl", ["--image3d-slices", "32"]),
+    "tinyllava-clip-finetune": ("tinyllava", []),
+    "tinyllava-clip-pretrain": ("tinyllava", []),
+    "tinyllava-siglip-finetune": ("tinyllava", []),
+    "tinyllava-siglip-pretrain": ("tinyllava", []),
+}
+PRESENT = [c for c in CASES if (FIXTURES / c / "expected.json").is_file()]
+
+
+def _bases(case: Path) -> list[str]:
+    bases = sorted(p for p in (case / "bases").iterdir())
+    llm = next(p for p in bases if "qwen2" in p.name)
+    enc = next(p for p in bases if p != llm)
+    return ["--llm-path", str(llm), "--encoder-path", str(enc)]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    done = {}
+
+    def get(name):
+        if name not in done:
+            case = FIXTURES / name
+            fmt, options = CASES[name]
+            out = tmp_path_factory.mktemp(name) / "imported"
+            assert main(["import", fmt, str(case / "checkpoint"), str(out)] + _bases(case) + options) == 0
+            model, tok = load_trained(str(out))
+            rebuilt, tok2 = build_model(load_yaml(str(out / "model.yaml")))
+            load_init_weights(rebuilt, str(out))
+            done[name] = (case, out, model.eval(), tok, rebuilt.eval(), tok2)
+        return done[name]
+
+    return get
+
+
+def _collapse(ids, labels, image_id, image3d_id):
+    """medm's expanded media runs back to one peer placeholder (-200 / -201) each, labels alike."""
+    out_ids, out_labels = [], []
+    for i, (t, lab) in enumerate(zip(ids, labels)):
+        if t in (image_id, image3d_id):
+            if i and ids[i - 1] == t:
+                continue
+            out_ids.append(IMAGE_ID if t == image_id else IMAGE3D_ID)
+            out_labels.append(IGNORE)
+        else:
+            out_ids.append(t)
+            out_labels.append(lab)
+    return out_ids, out_labels
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_peer_records_prompts_ids_labels_and_logits(imported, name):
+    case, out, model, tok, rebuilt, _ = imported(name)
+    expected = json.loads((case / "expected.json").read_text())["records"]
+    tensors = load_file(str(case / "expected.safetensors"))
+    data = case / "data"
+    ds = build_dataset(DataArgs(path=str(data / "records.json"), image_dir=str(data)), model, tok)
+    fmt = ds.format
+    cfg = model.config
+    records = load_records(str(data / "records.json"))
+    assert len(ds) == len(records)
+    for i, rec in enumerate(records):
+        item = ds[i]
+        for mode in ("train", "eval"):
+            want = expected[f"{rec.id}/{mode}"]
+            msgs = fmt.messages(rec)
+            if mode == "train":
+                assert fmt.render(msgs) == want["prompt"], rec.id
+                ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+                got_ids, got_labels = _collapse(ids, labels, cfg.image_token_id, cfg.image3d_token_id)
+                assert got_ids == want["input_ids"], rec.id
+                assert got_labels == want["labels"], rec.id
+            else:
+                assert fmt.render(msgs[:-1], add_generation_prompt=True) == want["prompt"], rec.id
+                ids, _, _ = expand_media(fmt.encode_prompt(rec), None, ds.sizes, 10**6)
+                got_ids, _ = _collapse(ids, [0] * len(ids), cfg.image_token_id, cfg.image3d_token_id)
+                assert got_ids == want["input_ids"], rec.id
+            # The peers' pixels (float32 rounding apart: the same resampling, the same uint8 levels for CT).
+            pixels, pixels3d = item["pixel_values"], item["pixel_values_3d"]
+            if f"{rec.id}/image" in tensors:
+                torch.testing.assert_close(pixels, tensors[f"{rec.id}/image"], atol=1e-5, rtol=0)
+            if f"{rec.id}/image3d" in tensors:
+                want3d = tensors[f"{rec.id}/image3d"]  # one channel: the peer's three are copies
+                torch.testing.assert_close(pixels3d, want3d.expand_as(pixels3d), atol=1e-5, rtol=0)
+            theirs, length = tensors[f"{rec.id}/{mode}/logits"], int(tensors[f"{rec.id}/{mode}/length"])
+            assert len(ids) == length  # the placeholders expand to as many features as the peer inserts
+            for which, m in (("load_trained", model), ("model.yaml + stage.init_from", rebuilt)):
+                with torch.no_grad():
+                    logits = m(input_ids=torch.tensor([ids]), pixel_values=pixels, pixel_values_3d=pixels3d).logits[0]
+                torch.testing.assert_close(logits[-len(theirs):, :theirs.shape[1]], theirs, atol=1e-4, rtol=0,
+                                           msg=lambda m, w=which: f"{name} {rec.id} {mode} via {w}: {m}")
