@@ -21,6 +21,7 @@ venv: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
 	{ command -v apt-get >/dev/null 2>&1 && \
+	  echo "installing chromium and chromium-driver with apt-get, for the playground's browser test (a minute or two)" && \
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && \
 	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; } || \

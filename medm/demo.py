@@ -94,8 +94,10 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
     paths = build(data, n_train=n_train, n_test=n_test, seed=seed)
     t0 = time.time()
     previous = None
-    for yaml_name, data_file, sub in stages:
+    for number, (yaml_name, data_file, sub) in enumerate(stages, 1):
         steps = pretrain_steps if sub == "pretrain" else finetune_steps
+        # A header over each stage's progress bar, so two bars in a row read as two stages.
+        print(f"\nstage {number}/{len(stages)}: {sub} (configs/demo/{yaml_name}.yaml -> {out}/{sub})", flush=True)
         run_training(load_train_config(str(CONFIGS / f"{yaml_name}.yaml"), [
             f"data.path={paths[data_file]}", f"data.image_dir={data}", f"train.output_dir={out}/{sub}",
             f"train.seed={seed}", *([f"stage.init_from={previous}"] if previous else []),

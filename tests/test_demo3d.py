@@ -51,6 +51,8 @@ def test_demo3d_smoke(tmp_path, monkeypatch, capsys):
         assert 0 <= v["accuracy"] <= 1 and 0 <= v["blanked_accuracy"] <= 1
     printed = capsys.readouterr().out
     assert "majority" in printed and "blank img" in printed
+    assert f"stage 1/2: pretrain (configs/demo/pretrain3d.yaml -> {out}/pretrain)" in printed  # over each bar
+    assert f"stage 2/2: finetune (configs/demo/finetune3d.yaml -> {out}/finetune)" in printed
     for kind in [*results["per_kind"], "overall"]:
         assert any(line.split()[:1] == [kind] for line in printed.splitlines()), kind
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

@@ -168,6 +168,15 @@ class MedMTrainer(Trainer):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied output head is not saved (it is the input embedding), so it is always "missing" on a resume: only
+        # keys whose tensor no loaded key shares are really missing.
+        state = self.model.state_dict(keep_vars=True)
+        missing = set(load_result.missing_keys)
+        loaded = {t.data_ptr() for k, t in state.items() if k not in missing}
+        real = [k for k in load_result.missing_keys if k not in state or state[k].data_ptr() not in loaded]
+        super()._issue_warnings_after_load(type(load_result)(real, load_result.unexpected_keys))
+
     # ---- crash safety (medm.train.safety) -------------------------------------------------------------------
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is written, the Trainer's run directory is its staging directory (_save_checkpoint).
@@ -381,6 +390,15 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
     return dataset, collator, sampler
 
 
+def _checkpoint_step(ckpt: str) -> str:
+    """The global step a checkpoint-N was saved at (its trainer_state.json), or "?"."""
+    try:
+        with open(os.path.join(ckpt, "trainer_state.json")) as f:
+            return str(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
 def run_training(cfg: TrainConfig, dataset=None, collator=None,
                  callbacks: list[TrainerCallback] | None = None, sampler=None) -> MedMTrainer:
     """Train one stage; returns the finished trainer (its model holds the trained weights).
@@ -407,6 +425,10 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise ConfigError(f"train.resume_from_checkpoint: {resume!r} not found (a checkpoint-N directory, or true "
                           "for the latest in output_dir)")
+    if resume:
+        ckpt = last_checkpoint(train.output_dir) if resume is True else resume
+        logger.info("resuming from %s at step %s (optimizer, scheduler, RNG and data position restored)", ckpt,
+                    _checkpoint_step(ckpt))
     if train.deepspeed:
         _check_deepspeed(train)
         _single_process_env()
