@@ -15,7 +15,8 @@ What maps, exactly (weights are copied unchanged):
 | MedM-VL                                            | medm                                                        |
 |----------------------------------------------------|-------------------------------------------------------------|
 | `llm.*` (any HF causal LM; `lm_head` may be tied)   | `llm.*`                                                     |
-| `encoder_image.encoder.*` (HF SigLIP / CLIP)        | `vision.model.*`; `select_layer`, `select_feature` as is    |
+| `encoder_image.encoder.*` (HF SigLIP / CLIP, 4.x    | `vision.model.*` (transformers' own 4.x -> 5.x renaming);   |
+| `vision_model.*` names)                            | `select_layer`, `select_feature` as is                      |
 | `select_feature` patch on SigLIP (drops a patch)   | `select_feature` skip_first                                 |
 | `connector_image` `mlp` (`connector.{0,2}`)        | `connector` `mlp` (`mlp.{0,2}`)                             |
 | `connector_image` `attn_pooling` (`query`,         | `attention_pool`, `layout: medm-vl`, 8 heads, the same      |
@@ -23,12 +24,14 @@ What maps, exactly (weights are copied unchanged):
 | `connector_image3d` `spatial_pooling` (2x average  | `spatial_pool` (`avg`, stride 2, `uneven: floor`; `mlp.*`)  |
 | pooling of the 3D grid, then `connector.*`)        |                                                             |
 | `encoder_image3d` `m3dclip` / `medmclip`           | `vit3d` (`checkpoint_format: m3d` / `medm-clip-ct`)         |
-| volumes through `encoder_image` (CT-Chest)         | `--image3d-slices N`: `vision3d: slices` + `connector3d`    |
+| volumes through `encoder_image` (CT-Chest)         | `--image3d-slices N`: `vision3d: slices` + `connector3d`,   |
+| (HU clipped since b1b0770; uint8 at 193feb7)       | `medm_vl_ct: hu / uint8` (`--ct-intensity`)                 |
 | conv_version `qwen2` prompt, EOS `<|im_end|>`      | template `medm-vl` with the tokenizer's EOS                 |
+| `lm_head` re-initialised apart from the embeddings | `tie_word_embeddings: false`                                |
 | image token id -200                                | the `<image>` / `<image3d>` special tokens, expanded        |
 
-MedM-VL's `patch` feature selection drops the first token; SigLIP has no CLS token, so there it drops a patch, which
-medm's SigLIP encoder does not do: such a checkpoint is refused (the released models use `cls_patch`: every token).
+MedM-VL's `patch` feature selection drops the first token; SigLIP has no CLS token, so there it drops a patch:
+medm's `select_feature: skip_first` (the released models use `cls_patch`: every token).
 """
 
 from __future__ import annotations

@@ -118,3 +118,34 @@ def test_peer_records_prompts_ids_labels_and_logits(imported, name):
                     logits = m(input_ids=torch.tensor([ids]), pixel_values=pixels, pixel_values_3d=pixels3d).logits[0]
                 torch.testing.assert_close(logits[-len(theirs):, :theirs.shape[1]], theirs, atol=1e-4, rtol=0,
                                            msg=lambda m, w=which: f"{name} {rec.id} {mode} via {w}: {m}")
+
+
+def test_llava_hf_importer_takes_the_transformers_4x_layout(tmp_path):
+    """A LLaVA-hf checkpoint saved by transformers 4.42 (`language_model.model.*`, `vision_tower.vision_model.*`):
+    transformers' own conversion maps it on load; medm's import gives the 4.x model's ids, pixels and logits."""
+    from PIL import Image
+
+    from medm.infer.generate import Predictor
+
+    case = FIXTURES / "llava-hf-4x"
+    if not (case / "expected.json").is_file():
+        pytest.skip("fixture not generated")
+    keys = json.loads((case / "expected.json").read_text())["keys"]
+    assert all(k.startswith(("language_model.", "vision_tower.vision_model.", "multi_modal_projector.")) for k in keys)
+    want = load_file(str(case / "expected.safetensors"))
+    out = tmp_path / "imported"
+    assert main(["import", "llava-hf", str(case), str(out)]) == 0
+    model, tok = load_trained(str(out))
+    pred = Predictor(model.eval(), tok)
+    ids = pred.encode([{"role": "user", "content": "<image>\nIs there a lesion?"}])
+    image_id = model.config.image_token_id
+    # transformers 4.42's processor leaves one <image> id, which its model expands: collapse medm's run to compare.
+    collapsed = [t for i, t in enumerate(ids) if not (t == image_id and i and ids[i - 1] == image_id)]
+    assert collapsed == want["input_ids"].tolist()
+    pixels = pred.images([Image.open(case / "image.png")])
+    torch.testing.assert_close(pixels, want["pixel_values"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+    theirs = want["logits"]
+    assert logits.shape[0] == theirs.shape[0]
+    torch.testing.assert_close(logits[:, :theirs.shape[1]], theirs, atol=1e-4, rtol=0)
