@@ -149,3 +149,26 @@ def test_llava_hf_importer_takes_the_transformers_4x_layout(tmp_path):
     theirs = want["logits"]
     assert logits.shape[0] == theirs.shape[0]
     torch.testing.assert_close(logits[:, :theirs.shape[1]], theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, default", [("medmvl-ct-slices", "hu"), ("medmvl193-ct-slices", "uint8")])
+def test_ct_intensity_follows_the_medm_vl_version(imported, tmp_path, name, default):
+    """--ct-intensity defaults from the config format (b1b0770 brought the `lvlm_` keys and the HU clipping); the
+    option overrides it; HU read as uint8 is refused naming the file and the other setting."""
+    from medm.data._medm_vl_ct import medm_vl_volume
+    from medm.data.volumes import VolumeLoadError
+
+    case, out, model, *_ = imported(name)
+    assert model.config.vision3d["medm_vl_ct"] == default
+    assert load_yaml(str(out / "model.yaml"))["vision3d"]["medm_vl_ct"] == default
+    other = "uint8" if default == "hu" else "hu"
+    fmt, options = CASES[name]
+    assert main(["import", fmt, str(case / "checkpoint"), str(tmp_path / "o")] + _bases(case) + options
+                + ["--ct-intensity", other]) == 0
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["vision3d"]["medm_vl_ct"] == other
+    hu = FIXTURES / "medmvl-ct-slices" / "data" / "ct_hu.npy"
+    with pytest.raises(VolumeLoadError, match=r"ct_hu\.npy.*span -1024\.\.1399.*medm_vl_ct: hu"):
+        medm_vl_volume(hu, (32, 32, 32), "uint8")
+    png = FIXTURES / "medmvl-2d-siglip" / "data" / "img0.png"
+    with pytest.raises(VolumeLoadError, match=r"img0\.png.*read MedM-VL's \.npy volumes"):
+        medm_vl_volume(png, (32, 32, 32), "hu")
