@@ -127,6 +127,10 @@ def test_a_hub_model_not_on_disk_fails_at_once_offline_naming_the_setting(monkey
     with pytest.raises(ConfigError, match=r"model.llm.path: 'nobody-medm-test/no-such-model' is not a local "
                                           r"directory nor in the Hugging Face cache.*HF_HUB_OFFLINE=1.*hf download"):
         build_model(cfg)
+    cfg = tiny_model_config()
+    cfg["vision"]["path"] = "nobody-medm-test/no-such-clip"
+    with pytest.raises(ConfigError, match=r"model.vision.path: 'nobody-medm-test/no-such-clip' is not a local"):
+        build_model(cfg)
 
 
 def test_a_hub_model_not_on_disk_fails_at_once_without_network(monkeypatch):

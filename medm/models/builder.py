@@ -16,6 +16,7 @@ from medm.models._hub import require_available
 from medm.models.configuration_medm import MedMConfig
 from medm.models.llm import load_llm, resolve_dtype, resolve_text_config, warn_remote_code
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
+from medm.models.vision._hf import HFVisionEncoder
 from medm.qwenvl.args import QwenVLArgs
 from medm.registry import CONNECTOR, LLM, TEMPLATE, VISION
 
@@ -149,6 +150,10 @@ def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGen
         require_available(args.llm.path, "model.llm.path")
         if args.llm.tiny_tokenizer is None and args.llm.tokenizer:
             require_available(args.llm.tokenizer, "model.llm.tokenizer", "tokenizer_config.json")
+        for slot in ("vision", "vision3d"):  # encoders whose `path` is a transformers checkpoint
+            section = getattr(args, slot)
+            if section and section.get("path") and issubclass(VISION.get(section["name"]), HFVisionEncoder):
+                require_available(section["path"], f"model.{slot}.path")
     if args.kind == "qwen-vl":
         from medm.qwenvl.model import build_qwenvl
 
