@@ -1,4 +1,4 @@
-"""python benchmarks/bench_data.py [--quick] [--samples 64] [--image-size 224] [--volume-size 32 256 256]
+"""python benchmarks/bench_data.py [--quick] [--samples 64] [--image-size 224] [--volume-size D H W] [--memory-only]
 
 Samples per second through `ConversationDataset` (what one DataLoader worker delivers) against the samples per
 second one training step consumes:
@@ -9,6 +9,10 @@ second one training step consumes:
 - 3D: the real CT / MR NIfTI volumes (../shared/data/nifti) read, reoriented, intensity-scaled and resized to
   `--volume-size` by `medm.data.volumes.VolumePreprocess`: cold (no cache) and cached (`volume.cache_dir`, the
   preprocessed array read back).
+- 3D peak memory per volume size: a synthetic int16 CT (.nii.gz; 128^3, 256^3, 512^2 x 300, 512^2 x 600, and a
+  512^2 x 120 DICOM series) read and preprocessed to `--volume-size` with `intensity: auto` in a fresh process;
+  `peak_mb` is the highest anonymous resident memory (sampled every 2 ms from /proc, Linux) above the same process
+  after a warm-up, `copies` that rise in float32 copies of the volume (the loader aims at two at most).
 - the step: forward + backward + AdamW of a 2D model (`small` on the CPU, `base` on a GPU; see bench_step.py)
   and of a 3D model (a ViT3D over `--volume-size` + the same LLM) at `--batch-size`, on random pixels.
 
@@ -20,11 +24,13 @@ workers, `loader_share` is the share of each step spent loading.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from _common import Bench, Skip, data_dir, model_config, timed, vqa_rad_records
 
@@ -63,6 +69,98 @@ def batch_for(model, n_tokens: int, batch_size: int, key: str, shape: tuple, dev
             key: torch.randn(batch_size, *shape).to(device)}
 
 
+# A fresh process per volume: memory after a warm-up (imports, MONAI's first call), then its peak over one volume.
+_PEAK = """
+import json, sys, threading, time, warnings
+import numpy as np, nibabel as nib, torch
+from medm.data.volumes import VolumePreprocess
+torch.set_num_threads(1)
+path, warm, size = sys.argv[1], sys.argv[2], tuple(int(v) for v in sys.argv[3:6])
+args = {"orientation": "LPS", "intensity": "auto", "modality": "CT"}
+warnings.simplefilter("ignore")
+
+def anon_kb():  # anonymous resident memory: what arrays and tensors take (library code pages excluded)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+VolumePreprocess(args, size)(warm)
+base, peak, done = anon_kb(), [0], False
+
+def sample():
+    while not done:
+        peak[0] = max(peak[0], anon_kb())
+        time.sleep(0.002)
+
+thread = threading.Thread(target=sample)
+thread.start()
+VolumePreprocess(args, size)(path)
+done = True
+thread.join()
+print(json.dumps({"peak_kb": max(peak[0], anon_kb()) - base}))
+"""
+
+
+def _synthetic_ct(shape: tuple[int, int, int]) -> np.ndarray:
+    """(X, Y, Z) int16 HU: air around a soft-tissue cylinder, as a CT's values are laid out."""
+    x, y, _ = shape
+    vol = np.full(shape, -1000, np.int16)
+    yy, xx = np.ogrid[:y, :x]
+    vol[((xx - x / 2) ** 2 + (yy - y / 2) ** 2 < (0.4 * x) ** 2).T] = 40
+    return vol
+
+
+def _dicom_series(folder: Path, shape: tuple[int, int, int]) -> Path:
+    import copy
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True)
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    plane = (_synthetic_ct((shape[0], shape[1], 1))[:, :, 0].T + 1024).astype(np.int16)  # stored = HU + 1024
+    for k in range(shape[2]):
+        ds = copy.deepcopy(base)
+        ds.Rows, ds.Columns = shape[1], shape[0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k)]
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = plane.tobytes()
+        ds.save_as(folder / f"s{k:04d}.dcm")
+    return folder
+
+
+def volume_peak_memory(quick: bool, out_size: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """Peak memory of loading one volume of each size (see the module docstring)."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    sizes = [("nifti", (32, 32, 32))] if quick else [("nifti", (128, 128, 128)), ("nifti", (256, 256, 256)),
+                                                    ("nifti", (512, 512, 300)), ("nifti", (512, 512, 600)),
+                                                    ("dicom", (512, 512, 120))]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = Path(tmp) / "warm.nii.gz"
+        nib.save(nib.Nifti1Image(_synthetic_ct((16, 16, 16)), np.eye(4)), warm)
+        for kind, shape in sizes:
+            name = "x".join(str(s) for s in shape)
+            if kind == "nifti":
+                path = Path(tmp) / f"{name}.nii.gz"
+                nib.save(nib.Nifti1Image(_synthetic_ct(shape), np.diag([0.7, 0.7, 1.0, 1.0])), path)
+            else:
+                path = _dicom_series(Path(tmp) / name, shape)
+            t = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", _PEAK, str(path), str(warm), *map(str, out_size)],
+                                  capture_output=True, text=True, check=True)
+            seconds = time.perf_counter() - t
+            peak_mb = json.loads(done.stdout.strip().splitlines()[-1])["peak_kb"] / 1024
+            float32_mb = float(np.prod(shape)) * 4 / 2**20
+            rows.append({"source": kind, "shape": list(shape), "float32_mb": round(float32_mb),
+                         "peak_mb": round(peak_mb), "copies": round(peak_mb / float32_mb, 2),
+                         "seconds_with_startup": round(seconds, 1)})
+    return rows
+
+
 class DataBench(Bench):
     name = "data"
 
@@ -71,6 +169,8 @@ class DataBench(Bench):
         parser.add_argument("--image-size", type=int, default=224)
         parser.add_argument("--volume-size", type=int, nargs=3, default=[32, 256, 256], help="D H W (M3D's size)")
         parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--memory-only", action="store_true", help="only the 3D peak-memory figures (no shared "
+                                                                        "data needed)")
 
     def run(self, args: argparse.Namespace) -> dict[str, Any]:
         from medm.data.annotations import parse_record
@@ -82,6 +182,8 @@ class DataBench(Bench):
         from medm.models.vision._base import ImagePreprocess
         from medm.train.trainer import default_num_workers
 
+        if args.memory_only:
+            return {"3d_peak_memory": volume_peak_memory(args.quick, tuple(args.volume_size))}
         shared = data_dir(args.data_dir)
         if shared is None:
             raise Skip("../shared/data not found (set MEDM_DATA_DIR or --data-dir): the loader figures need the real "
@@ -166,6 +268,7 @@ class DataBench(Bench):
                 out[f"{label}_workers_needed"] = round(step / out[key], 2)
                 # No workers: loading and the step alternate in one process.
                 out[f"{label}_loader_share"] = round((1 / out[key]) / (1 / out[key] + 1 / step), 3)
+        out["3d_peak_memory"] = volume_peak_memory(args.quick, vol_size)
         cover = max(workers, 1)
         out["goal_met_with_default_workers"] = all(out[k] <= cover for k in out if k.endswith("_workers_needed")
                                                    and "cold" not in k and "first" not in k)

@@ -76,6 +76,8 @@ def _medmnist(out):
 
 def _data(out):
     assert out["2d_first_pass_per_s"] > 0 and out["3d_cached_per_s"] > 0 and out["2d_step_per_s"] > 0
+    peak = out["3d_peak_memory"][0]
+    assert peak["shape"] == [32, 32, 32] and peak["peak_mb"] >= 0
 
 
 CHECKS = {"bench_padding": _padding, "bench_step": _step, "bench_memory": _memory, "bench_generate": _generate,

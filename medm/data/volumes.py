@@ -57,7 +57,8 @@ Steps of `VolumePreprocess` (settings: `VolumeArgs`):
 9. channels: repeated to the encoder's channel count and normalised with its mean / std (slice-wise 2D
    encoders take 3-channel slices).
 
-Memory: steps 1-7 hold at most two full-size float32 copies at a time (intensity steps work in place).
+Memory: steps 1-7 hold at most two full-size float32 copies at a time (intensity steps work in place; a 512 x 512
+x 300 CT peaks at +602 MB, see docs/data.md); `resample: world` adds its sampling grid.
 
 Errors are `VolumeLoadError` (a ValueError) naming the file and the reason, also for failures inside the
 preprocessing steps.
