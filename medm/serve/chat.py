@@ -49,24 +49,25 @@ class ChatLoop:
         self.stdout.write(text + end)
         self.stdout.flush()
 
-    def attach(self, path: str, want_volume: bool) -> bool:
-        """Open `path` for the next question; prints what was loaded, or one error line. True when loaded."""
-        command = "/volume" if want_volume else "/image"
+    def attach(self, path: str, want_volume: bool, label: str | None = None) -> str | None:
+        """Open `path` for the next question and print what was loaded; returns None, or the error (not printed).
+
+        Args:
+            label: how the user asked for it in error messages (default `/image` or `/volume`).
+        """
+        label = label or ("/volume" if want_volume else "/image")
         try:
             upload = open_upload(path, work_dir=self.work_dir)
         except UploadError as e:
-            self.say(f"error: {command}: {e}")
-            return False
+            return f"{label}: {e}"
         if upload.is_volume != want_volume:
-            other = "/image" if want_volume else "/volume"
-            self.say(f"error: {command}: {path!r} is {'a volume' if upload.is_volume else 'a 2D image'}; "
-                     f"use {other} {path}")
-            return False
+            other = label.replace("volume", "image") if want_volume else label.replace("image", "volume")
+            return f"{label}: {path!r} is {'a volume' if upload.is_volume else 'a 2D image'}; use {other} {path}"
         self.session.set_upload(upload)
         how = ("the model is given the whole volume" if want_volume and self.session.whole_volumes else
                "the model is given this slice (it has no 3D encoder)" if want_volume else "")
         self.say(f"[{upload.caption()}{'; ' + how if how else ''}; the next question carries it]")
-        return True
+        return None
 
     def answer(self, question: str) -> None:
         """Ask `question` and stream the answer; an error is one line, and the conversation goes on without it."""
@@ -87,7 +88,14 @@ class ChatLoop:
         self.say(EMPTY_ANSWER if not shown.strip() else "")
 
     def run(self) -> int:
-        """The read-answer loop; returns 0 at `/exit` or end of input."""
+        """The read-answer loop; returns 0 at `/exit`, end of input or Ctrl-C."""
+        try:
+            return self._loop()
+        except KeyboardInterrupt:
+            self.say()
+            return 0
+
+    def _loop(self) -> int:
         while True:
             self.stdout.write(PROMPT)
             self.stdout.flush()
@@ -112,7 +120,9 @@ class ChatLoop:
                 up = self.session.upload
                 self.say("[conversation cleared" + (f"; the next question carries {up.name} again]" if up else "]"))
             elif command in ("/image", "/volume") and rest:
-                self.attach(rest, command == "/volume")
+                error = self.attach(rest, command == "/volume")
+                if error:
+                    self.say(f"error: {error}")
             elif command in ("/image", "/volume"):
                 self.say(f"error: {command} needs a file: {command} PATH")
             else:

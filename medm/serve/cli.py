@@ -50,8 +50,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         loop = ChatLoop(predictor, _settings(args), whole_volumes=takes_volumes(args.model), work_dir=work)
         if sys.stdin.isatty():
             print(f"medm chat: {args.model}. Commands: {COMMANDS}.")
-        if (args.image or args.volume) and not loop.attach(args.image or args.volume, bool(args.volume)):
-            return 2
+        if args.image or args.volume:
+            error = loop.attach(args.image or args.volume, bool(args.volume), "--volume" if args.volume else "--image")
+            if error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
         return loop.run()
 
 

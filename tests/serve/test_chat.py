@@ -82,3 +82,11 @@ def test_medm_chat_reads_questions_piped_into_it(ckpt2d, media):
                           capture_output=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"medm> {expected(ckpt2d, 'Is there a lesion?', image=media['png'])}\n" in proc.stdout
+
+
+def test_a_wrong_starting_picture_is_one_error_line_naming_the_option(monkeypatch, capsys, ckpt2d, media):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Never asked?\n"))
+    assert main(["chat", "--model", str(ckpt2d), "--image", str(media["npy"]), "--device", "cpu"]) == 2
+    out = capsys.readouterr()
+    assert f"error: --image: '{media['npy']}' is a volume; use --volume {media['npy']}" in out.err
+    assert "medm>" not in out.out
