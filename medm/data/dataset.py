@@ -210,7 +210,7 @@ def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
     # 3D hook: the 3D encoder's volume preprocessing (medm.data.volumes), with its training augmentation on.
     volume_preprocess = (VISION.get(cfg.vision3d["name"]).preprocessor(cfg.vision3d).for_training()
                          if cfg.vision3d else None)
-    return ConversationDataset(
+    dataset = ConversationDataset(
         load_records(data_args.path, for_training=True), tokenizer,
         num_image_tokens=model.num_image_tokens, num_image3d_tokens=model.num_image3d_tokens,
         image_preprocess=image_preprocess, volume_preprocess=volume_preprocess, image_dir=data_args.image_dir,
@@ -218,3 +218,24 @@ def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
         system_prompt=data_args.system_prompt if data_args.system_prompt is not None else cfg.system_prompt,
         max_length=data_args.max_length, max_bad_samples=data_args.max_bad_samples,
     )
+    require_samples(dataset, data_args)
+    return dataset
+
+
+def require_samples(dataset, data_args: DataArgs) -> None:
+    """Refuse a training dataset without a single sample, naming why (a run of 0 steps would end "successfully").
+
+    Raises:
+        AnnotationError: the data file(s) hold no records.
+        ConfigError: every record was dropped by `data.max_length`.
+    """
+    from medm.config import ConfigError
+    from medm.data.annotations import AnnotationError
+
+    if len(dataset.samples):
+        return
+    if not dataset.num_dropped:
+        raise AnnotationError(f"data.path: {data_args.path} holds no records: nothing to train on")
+    raise ConfigError(f"data.max_length={data_args.max_length}: every one of the {dataset.num_dropped} record(s) of "
+                      f"{data_args.path} was dropped, none has an assistant answer within {data_args.max_length} "
+                      "tokens (image tokens included); raise data.max_length")

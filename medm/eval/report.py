@@ -131,6 +131,11 @@ def evaluate(task: str | Task, predictions: str, *, protocol: str | None = None,
                                              task.score([blank_rows[i] for i in idx], protocol)
                                              if blank_rows is not None else None))
     result.notes = list(task.notes)
+    unanswered = sum(1 for row in rows if row.get("unanswered"))
+    if unanswered:
+        result.metrics["unanswered"] = unanswered
+        result.notes.append(f"{unanswered} of {len(rows)} question(s) are unanswered: `medm infer` could not read "
+                            f"their image or volume (the `error` lines of {predictions}); they count as wrong.")
     if bootstrap:
         result.bootstrap = {"resamples": bootstrap, "seed": seed, "level": level, "method": "percentile"}
         result.ci = bootstrap_ci(task.scorer(rows, protocol), len(rows), bootstrap, seed, level)

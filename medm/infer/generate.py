@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from medm.data._media import volume_tensor
+from medm.data._media import image_tensor, volume_tensor
 from medm.data.annotations import Record, resolve_path
-from medm.data.images import load_image
+from medm.data.images import ImageLoadError
 from medm.data.templates import ChatFormat, expand_media
+from medm.data.volumes import VolumeLoadError
 from medm.registry import VISION
+
+# What reading one record's media may raise: with `predict(on_error=...)`, that record alone goes unanswered.
+MEDIA_ERRORS = (ImageLoadError, VolumeLoadError, OSError, MemoryError)
 
 
 @dataclass
@@ -68,11 +72,12 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | None = None, device: str | None = None,
-                        **kwargs) -> Predictor:
-        """Open any training checkpoint (`medm.train.checkpoint.load_trained`); `dtype` None keeps the saved one."""
+                        trust_remote_code: bool = False, **kwargs) -> Predictor:
+        """Open any training checkpoint (`medm.train.checkpoint.load_trained`); `dtype` None keeps the saved one;
+        `trust_remote_code` runs Python files the checkpoint ships (off unless the user asks)."""
         from medm.train.checkpoint import load_trained
 
-        model, tokenizer = load_trained(path, dtype=dtype, device=device)
+        model, tokenizer = load_trained(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, **kwargs)
 
     @property
@@ -89,8 +94,8 @@ class Predictor:
             raise ValueError("this model has no 2D vision encoder, but the input has images")
         if blank:
             return torch.stack([self.image_preprocess.blank() for _ in items])
-        pil = [x if isinstance(x, Image.Image) else load_image(resolve_path(x, self.image_dir)) for x in items]
-        return torch.stack([self.image_preprocess(im) for im in pil])
+        return torch.stack([self.image_preprocess(x) if isinstance(x, Image.Image) else
+                            image_tensor(self.image_preprocess, resolve_path(x, self.image_dir)) for x in items])
 
     def volumes(self, paths: Iterable[str], blank: bool = False, modality: str | None = None) -> torch.Tensor | None:
         """(n, C, D, H, W) through the 3D encoder's preprocessing; `blank` swaps every volume for a black one;
@@ -141,21 +146,49 @@ class Predictor:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+    def load_media(self, record: Record, blank: bool = False) -> None:
+        """Read and preprocess a record's images and volumes as its prediction does; raises one of MEDIA_ERRORS
+        naming the file."""
+        self.images(record.image, blank)
+        self.volumes(record.image3d, blank, record.extra.get("modality"))
+
     def predict(self, records: Iterable[Record], *, batch_size: int = 8, settings: GenerationSettings | None = None,
-                blank_images: bool = False) -> Iterator[tuple[Record, str]]:
+                blank_images: bool = False, on_error: Callable[[Record, Exception], None] | None = None
+                ) -> Iterator[tuple[Record, str]]:
         """Answer records in batches, yielding `(record, prediction)` in input order as each batch finishes.
 
         `blank_images` swaps every image and volume for a black one (how much do answers depend on them?).
+        `on_error(record, error)`: a record whose media fail to load (one of MEDIA_ERRORS) is handed to it and not
+        yielded, and the rest of its batch is answered; None: the error ends the iteration.
         """
         settings = settings or GenerationSettings()
         batch: list[Record] = []
         for rec in records:
             batch.append(rec)
             if len(batch) == batch_size:
-                yield from self._predict_batch(batch, settings, blank_images)
+                yield from self._answer(batch, settings, blank_images, on_error)
                 batch = []
         if batch:
-            yield from self._predict_batch(batch, settings, blank_images)
+            yield from self._answer(batch, settings, blank_images, on_error)
+
+    def _answer(self, batch: list[Record], settings: GenerationSettings, blank: bool, on_error):
+        if on_error is None:
+            yield from self._predict_batch(batch, settings, blank)
+            return
+        try:
+            answered = list(self._predict_batch(batch, settings, blank))  # media load before generation starts
+        except MEDIA_ERRORS:
+            # Find the records at fault (their media again, one by one) and answer the others.
+            good = []
+            for rec in batch:
+                try:
+                    self.load_media(rec, blank)
+                except MEDIA_ERRORS as e:
+                    on_error(rec, e)
+                else:
+                    good.append(rec)
+            answered = list(self._predict_batch(good, settings, blank)) if good else []
+        yield from answered
 
     def _predict_batch(self, batch: list[Record], settings: GenerationSettings, blank: bool):
         prompts = [self.encode(r) for r in batch]

@@ -11,6 +11,13 @@ key of the record follows as written (`answer_type`, `question_type`, `image_org
 adds `"blank_images": true`. `resume=True` keeps the rows already written (a half-written last line from a killed
 run is dropped and that record answered again) and answers only the missing ids, so the finished file holds every
 id exactly once.
+
+A record whose image or volume cannot be read gets an error line instead of an answer, and the run goes on::
+
+    {"id": "q7", "question": "...", "error": "corrupt or truncated image data (...)", "file": "/data/img/7.png",
+     "answer": "yes", "image": ["img/7.png"], ...}
+
+`--resume` keeps such lines like answers; `medm eval` counts them as unanswered.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from medm.infer.generate import GenerationSettings, Predictor
 logger = logging.getLogger(__name__)
 
 # Keys the row itself sets; a record's extra key of the same name is left out.
-ROW_KEYS = ("id", "question", "prediction", "answer", "image", "image3d", "blank_images")
+ROW_KEYS = ("id", "question", "prediction", "error", "file", "answer", "image", "image3d", "blank_images")
 _PLACEHOLDER = re.compile(f"{re.escape(IMAGE3D_TOKEN)}|{re.escape(IMAGE_TOKEN)}")
 
 
@@ -70,6 +77,20 @@ def prediction_row(record: Record, prediction: str, blank_images: bool = False) 
         row["blank_images"] = True
     row.update({k: v for k, v in record.extra.items() if k not in ROW_KEYS})
     return row
+
+
+def error_row(record: Record, error: BaseException, blank_images: bool = False) -> dict[str, Any]:
+    """The line `medm infer` writes for a record it could not answer: `error` (the reason) and `file` (the file
+    at fault, when known) where an answered record has `prediction`."""
+    row = prediction_row(record, "", blank_images)
+    del row["prediction"]
+    reason = getattr(error, "reason", None) or str(error) or (
+        "out of memory" if isinstance(error, MemoryError) else type(error).__name__)
+    path = getattr(error, "path", None) or getattr(error, "filename", None)
+    head = {"id": row.pop("id"), "question": row.pop("question"), "error": reason}
+    if path is not None:
+        head["file"] = str(path)
+    return {**head, **row}
 
 
 def _parse_row(raw: bytes) -> dict[str, Any] | None:
@@ -140,6 +161,7 @@ class InferenceResult:
     total: int
     written: int
     skipped: int
+    errors: int = 0  # of `written`: error lines for records whose media could not be read
 
 
 def _check_unique_ids(records: Sequence[Record], data: str) -> None:
@@ -155,7 +177,8 @@ def run_inference(model: str | Predictor, records: Sequence[Record], out: str, *
                   image_dir: str | None = None, batch_size: int = 8, settings: GenerationSettings | None = None,
                   resume: bool = False, overwrite: bool = False, blank_images: bool = False,
                   device: str | None = None, dtype: str | None = None, template: str | None = None,
-                  system_prompt: str | None = None, progress: bool = True) -> InferenceResult:
+                  system_prompt: str | None = None, progress: bool = True,
+                  trust_remote_code: bool = False) -> InferenceResult:
     """Answer `records` in batches and append one row per record to the JSONL file `out` as it goes.
 
     Args:
@@ -173,6 +196,7 @@ def run_inference(model: str | Predictor, records: Sequence[Record], out: str, *
             checkpoint's.
         template, system_prompt: override the model config's prompt format.
         progress: show a tqdm progress bar.
+        trust_remote_code: run Python files the checkpoint ships (`auto_map`); off unless asked for.
 
     Raises:
         FileExistsError: `out` exists and neither `resume` nor `overwrite` is set.
@@ -209,28 +233,45 @@ def run_inference(model: str | Predictor, records: Sequence[Record], out: str, *
         return InferenceResult(out, len(done), 0, len(done))
 
     predictor = model if isinstance(model, Predictor) else _load_predictor(model, image_dir, device, dtype,
-                                                                            template, system_prompt)
+                                                                            template, system_prompt,
+                                                                            trust_remote_code)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), initial=len(done), unit="q", desc="infer", disable=not progress)
-    written = 0
+    written, errors = 0, 0
     with open(out, mode, encoding="utf-8") as f:
-        # predict() yields a batch's records together once it is generated; each row is flushed at once, so a
-        # killed run keeps every finished batch (and at worst leaves one half-written line, which resume drops).
-        for rec, pred in predictor.predict(todo, batch_size=batch_size, settings=settings, blank_images=blank_images):
-            f.write(json.dumps(prediction_row(rec, pred, blank_images), ensure_ascii=False) + "\n")
+
+        def write(row: dict[str, Any]) -> None:
+            nonlocal written
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             written += 1
             bar.update(1)
+
+        def unreadable(rec: Record, error: Exception) -> None:
+            # One unreadable file costs its record, not the batch or the run; --resume keeps the line.
+            nonlocal errors
+            logger.warning("record %r: %s; written as an error line", rec.id, error or "out of memory")
+            write(error_row(rec, error, blank_images))
+            errors += 1
+
+        # predict() yields a batch's records together once it is generated; each row is flushed at once, so a
+        # killed run keeps every finished batch (and at worst leaves one half-written line, which resume drops).
+        for rec, pred in predictor.predict(todo, batch_size=batch_size, settings=settings, blank_images=blank_images,
+                                           on_error=unreadable):
+            write(prediction_row(rec, pred, blank_images))
     bar.close()
-    return InferenceResult(out, len(done) + written, written, len(done))
+    if errors:
+        logger.warning("%d of %d record(s) could not be answered (unreadable media): see their `error` lines in %s",
+                       errors, len(todo), out)
+    return InferenceResult(out, len(done) + written, written, len(done), errors)
 
 
 def _load_predictor(path: str, image_dir: str | None, device: str | None, dtype: str | None,
-                    template: str | None, system_prompt: str | None) -> Predictor:
+                    template: str | None, system_prompt: str | None, trust_remote_code: bool = False) -> Predictor:
     import torch
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return Predictor.from_pretrained(path, dtype=dtype, device=device, image_dir=image_dir, template=template,
-                                     system_prompt=system_prompt)
+                                     system_prompt=system_prompt, trust_remote_code=trust_remote_code)

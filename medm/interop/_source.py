@@ -126,7 +126,7 @@ def load_tokenizer(sources: Iterable[str | None], where: str):
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
             continue
         try:
-            return AutoTokenizer.from_pretrained(source)
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError):
             continue
     raise ImportFormatError(f"{where}: no tokenizer found (tried {', '.join(tried) or 'nothing'}); pass --llm-path "
@@ -142,7 +142,7 @@ def image_processor(source: str | None, where: str):
     from transformers import AutoImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(source)
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as e:
         logger.warning("%s: cannot read the image processor of %s (%s)", where, source, e)
         return None

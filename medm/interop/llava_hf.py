@@ -421,7 +421,7 @@ def export_llava_hf(src: str, out: str, *, base: str | None = None, dtype: str |
     from medm.train.checkpoint import load_trained
 
     register_auto_classes()
-    config = AutoConfig.from_pretrained(src)
+    config = AutoConfig.from_pretrained(src, trust_remote_code=False)
     if not isinstance(config, MedMConfig):
         raise ExportError(f"{src}: config.json has model_type {config.model_type!r}, not a medm checkpoint")
     check_exportable(config)  # fail before loading any weight
@@ -537,7 +537,7 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
     from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
     from medm.registry import LLM, TEMPLATE, VISION
 
-    cfg = AutoConfig.from_pretrained(src)
+    cfg = AutoConfig.from_pretrained(src, trust_remote_code=False)
     if not isinstance(cfg, LlavaConfig):
         raise ImportFormatError(f"{src}: config.json has model_type {cfg.model_type!r}; `medm import llava-hf` reads "
                                 "transformers LLaVA checkpoints (model_type 'llava')")
@@ -561,13 +561,13 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
     connector_type = "linear" if act == "linear" else f"mlp2x_{inverse_acts[act]}"
 
     try:
-        processor = AutoProcessor.from_pretrained(src, backend="pil")
+        processor = AutoProcessor.from_pretrained(src, backend="pil", trust_remote_code=False)
         tokenizer = processor.tokenizer
         image_processor = getattr(processor, "image_processor", None)
         processor_template = getattr(processor, "chat_template", None)
     except (OSError, ValueError, TypeError, KeyError):
         processor, image_processor, processor_template = None, None, None
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
     if template is not None:
         TEMPLATE.get(template)
         jinja, saved_system = None, None

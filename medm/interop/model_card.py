@@ -356,7 +356,7 @@ def write_model_card(ckpt_dir: str, *, config=None, fmt: str | None = None, sour
         from medm.models.modeling_medm import register_auto_classes
 
         register_auto_classes()
-        config = AutoConfig.from_pretrained(ckpt_dir)
+        config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
     if fmt is None:
         from medm.train.checkpoint import read_meta
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from medm.config import ConfigError, arg, from_dict, to_dict
 from medm.models._hub import require_available
 from medm.models.configuration_medm import MedMConfig
-from medm.models.llm import load_llm, resolve_dtype, resolve_text_config, warn_remote_code
+from medm.models.llm import load_llm, remote_code, resolve_dtype, resolve_text_config
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
 from medm.models.vision._hf import HFVisionEncoder
 from medm.qwenvl.args import QwenVLArgs
@@ -114,9 +114,8 @@ def load_tokenizer(llm: LLMArgs) -> PreTrainedTokenizerBase:
     source = llm.tokenizer or llm.path
     if not source:
         raise ConfigError("model.llm: set `tokenizer` or `path` (or `tiny_tokenizer` for an offline tiny one)")
-    if llm.trust_remote_code:
-        warn_remote_code(source, "tokenizer")
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=llm.trust_remote_code)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=remote_code(llm.trust_remote_code, source,
+                                                                               "tokenizer"))
 
 
 def add_media_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -198,20 +197,36 @@ def save_model(model: MedMForConditionalGeneration, tokenizer: PreTrainedTokeniz
     tokenizer.save_pretrained(out_dir)
 
 
-def load_model(path: str, dtype: str | None = None, device: str | torch.device | None = None
-               ) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Reopen a checkpoint written by `save_model` (no hub access; safetensors only); either kind."""
+def load_model(path: str, dtype: str | None = None, device: str | torch.device | None = None,
+               trust_remote_code: bool = False) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Reopen a checkpoint written by `save_model` (no hub access; safetensors only); either kind.
+
+    Args:
+        trust_remote_code: run Python files the checkpoint ships (`auto_map` in its configs); off unless the
+            user says so (`--trust-remote-code`), whatever the saved config says.
+
+    Raises:
+        ValueError: the weights lack tensors the model has (e.g. the connector's): never loaded as random ones.
+    """
     if checkpoint_kind(path) == "qwen-vl":
         from medm.qwenvl.model import load_qwenvl
 
-        return load_qwenvl(path, dtype=dtype, device=device)
+        return load_qwenvl(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     register_auto_classes()
-    model = MedMForConditionalGeneration.from_pretrained(path, use_safetensors=True,
-                                                         dtype=resolve_dtype(dtype) if dtype else None)
+    config = MedMConfig.from_pretrained(path)
+    config.llm = {**(config.llm or {}), "trust_remote_code": remote_code(trust_remote_code, path)}
+    model, info = MedMForConditionalGeneration.from_pretrained(path, config=config, use_safetensors=True,
+                                                               output_loading_info=True,
+                                                               dtype=resolve_dtype(dtype) if dtype else None)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        # transformers would start them at random and answer anyway; a model without its connector answers noise.
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) this model needs: {shown}. A "
+                         "truncated copy or an incomplete save? Use a complete checkpoint directory")
     if device is not None:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model, load_processing(path, trust_remote_code)
 
 
 def checkpoint_kind(path: str) -> str:
@@ -221,10 +236,10 @@ def checkpoint_kind(path: str) -> str:
     return "qwen-vl" if is_qwenvl_checkpoint(path) else "medm"
 
 
-def load_processing(path: str):
+def load_processing(path: str, trust_remote_code: bool = False):
     """The tokenizer (medm kind) or processor (qwen-vl kind) saved in a checkpoint directory."""
     if checkpoint_kind(path) == "qwen-vl":
         from medm.qwenvl.model import load_qwenvl_processor
 
-        return load_qwenvl_processor(path)
-    return AutoTokenizer.from_pretrained(path)
+        return load_qwenvl_processor(path, trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -46,6 +46,15 @@ def warn_remote_code(source: str, what: str = "model") -> None:
                    what, source)
 
 
+def remote_code(trust: bool, source: str, what: str = "model") -> bool:
+    """The `trust_remote_code` value to pass to a transformers `from_pretrained` / `from_config`, always explicit:
+    left unset, transformers asks on stdin whether to run a checkpoint's own Python (`auto_map`), so a piped
+    `y` would run it. Logged when on."""
+    if trust:
+        warn_remote_code(source, what)
+    return bool(trust)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
@@ -80,10 +89,11 @@ def resolve_text_config(llm: dict[str, Any]) -> PretrainedConfig:
     return AutoConfig.from_pretrained(llm["path"], trust_remote_code=trust)
 
 
-def build_llm(text_config: PretrainedConfig, attn_implementation: str = "sdpa") -> PreTrainedModel:
+def build_llm(text_config: PretrainedConfig, attn_implementation: str = "sdpa",
+              trust_remote_code: bool = False) -> PreTrainedModel:
     """A randomly initialised causal LM from its config (weights come later, from a checkpoint)."""
     return AutoModelForCausalLM.from_config(text_config, attn_implementation=check_attn_implementation(
-        attn_implementation))
+        attn_implementation), trust_remote_code=trust_remote_code)
 
 
 def load_llm(path: str, text_config: PretrainedConfig, attn_implementation: str = "sdpa",

@@ -80,7 +80,7 @@ class MedMForConditionalGeneration(MedMPreTrainedModel, GenerationMixin):
     def __init__(self, config: MedMConfig):
         super().__init__(config)
         attn = config.llm.get("attn_implementation", "sdpa")
-        self.llm = build_llm(config.text_config, attn)
+        self.llm = build_llm(config.text_config, attn, bool(config.llm.get("trust_remote_code")))
         # One config object for the LLM, so resizing embeddings updates what `save_pretrained` writes.
         config.text_config = self.llm.config
         hidden = config.text_config.hidden_size

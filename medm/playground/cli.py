@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-file-size", default="200mb", help="largest upload, e.g. 200mb or 2gb (default 200mb)")
     p.add_argument("--concurrency", type=int, default=4, help="answers generated at once; more requests wait in "
                                                               "the queue (default 4)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python files the checkpoint ships "
+                                                                    "(`auto_map`); off by default: only for "
+                                                                    "checkpoints you trust")
 
 
 def demo_checkpoint(demo_out: str = DEMO_OUT) -> str:
@@ -86,7 +89,8 @@ def serve(args: argparse.Namespace) -> int:
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
         try:
-            predictor = Predictor.from_pretrained(model_dir, dtype=args.dtype, device=device)
+            predictor = Predictor.from_pretrained(model_dir, dtype=args.dtype, device=device,
+                                                  trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as e:
             print(f"error: cannot open --model {model_dir}: {e}", file=sys.stderr)
             return 2

@@ -20,7 +20,7 @@ def _config(ckpt_dir: str):
     from medm.models.modeling_medm import register_auto_classes
 
     register_auto_classes()
-    return AutoConfig.from_pretrained(ckpt_dir)
+    return AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)  # shown, never run
 
 
 def takes_volumes(ckpt_dir: str) -> bool:

@@ -391,8 +391,12 @@ def build_qwenvl_dataset(data_args, model, processor) -> QwenVLDataset:
                          "processor's chat template, so leave template null")
     settings = model.medm_settings
     system_prompt = data_args.system_prompt if data_args.system_prompt is not None else settings.get("system_prompt")
-    return QwenVLDataset(load_records(data_args.path, for_training=True), processor,
-                         box_format=settings["box_format"], image_dir=data_args.image_dir,
-                         system_prompt=system_prompt, max_length=data_args.max_length,
-                         max_bad_samples=data_args.max_bad_samples)
+    from medm.data.dataset import require_samples
+
+    dataset = QwenVLDataset(load_records(data_args.path, for_training=True), processor,
+                            box_format=settings["box_format"], image_dir=data_args.image_dir,
+                            system_prompt=system_prompt, max_length=data_args.max_length,
+                            max_bad_samples=data_args.max_bad_samples)
+    require_samples(dataset, data_args)
+    return dataset
 

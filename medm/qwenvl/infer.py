@@ -56,6 +56,10 @@ class QwenVLPredictor(Predictor):
                for x in paths_or_images]
         return [Image.new("RGB", im.size) for im in pil] if blank else pil
 
+    def load_media(self, record: Record, blank: bool = False) -> None:
+        """Read a record's images as its prediction does (raises ImageLoadError naming the file)."""
+        self.load_images(record.image, blank)
+
     def prepare(self, conversation: Record | list[dict[str, str]], images: Iterable[str | Image.Image] = (),
                 blank: bool = False) -> tuple[dict[str, Any], ImageGeometry | None]:
         """A prompt item for the collator (`input_ids`, `pixel_values`, `image_grid_thw`) and the first image's

@@ -180,19 +180,20 @@ def is_qwenvl_checkpoint(path: str) -> bool:
     return isinstance(medm, dict) and medm.get("kind") == KIND
 
 
-def load_qwenvl(path: str, dtype: str | None = None, device: str | torch.device | None = None):
+def load_qwenvl(path: str, dtype: str | None = None, device: str | torch.device | None = None,
+                trust_remote_code: bool = False):
     """Reopen a qwen-vl checkpoint written by medm (config.json with `medm`, safetensors, processor)."""
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     classes = classes_for(config.model_type, f"checkpoint {path}")
     model = classes.model.from_pretrained(path, config=config, use_safetensors=True,
                                           dtype=resolve_dtype(dtype) if dtype else None)
     if device is not None:
         model.to(device)
-    return model, load_qwenvl_processor(path)
+    return model, load_qwenvl_processor(path, trust_remote_code)
 
 
-def load_qwenvl_processor(path: str) -> ProcessorMixin:
-    return AutoProcessor.from_pretrained(path)
+def load_qwenvl_processor(path: str, trust_remote_code: bool = False) -> ProcessorMixin:
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 __all__ = ["DEFAULT_LORA_TARGETS", "KIND", "MODEL_TYPES", "QWENVL_CLASSES", "Qwen2VLForConditionalGeneration",

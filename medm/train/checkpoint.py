@@ -129,19 +129,20 @@ def load_components(model: nn.Module, ckpt_dir: str) -> None:
 
 
 def load_trained(ckpt_dir: str, dtype: str | None = None, device: str | torch.device | None = None,
-                 base: str | None = None, merge: bool = True):
+                 base: str | None = None, merge: bool = True, trust_remote_code: bool = False):
     """Open any training checkpoint as (model, tokenizer).
 
     Args:
         ckpt_dir: a full, components or LoRA checkpoint (a run's output_dir or one of its checkpoint-N).
         base: the full checkpoint with the frozen weights; default: the one its `medm_checkpoint.json` names.
         merge: for LoRA, fold the adapter into the weights (a plain medm model); False keeps the PeftModel.
+        trust_remote_code: run Python files the checkpoint ships (`--trust-remote-code`); off by default.
     """
     meta = read_meta(ckpt_dir)
     if meta["format"] == FULL:
-        return load_model(ckpt_dir, dtype=dtype, device=device)
-    model, _ = load_model(base or base_dir(ckpt_dir, meta), dtype=dtype)
-    tokenizer = load_processing(ckpt_dir)
+        return load_model(ckpt_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, _ = load_model(base or base_dir(ckpt_dir, meta), dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = load_processing(ckpt_dir, trust_remote_code)
     if meta["format"] == COMPONENTS_ONLY:
         load_components(model, ckpt_dir)
     else:

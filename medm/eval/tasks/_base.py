@@ -109,10 +109,15 @@ class Task:
     def prepare(self, rows: list[dict[str, Any]], where: str, image_dir: str | None = None) -> list[dict[str, Any]]:
         """Check that every row has what scoring needs and return normalised copies.
 
-        The base requires `prediction` (text) and `answer` in every row; errors name `where` and the row id.
+        The base requires `prediction` (text) and `answer` in every row; errors name `where` and the row id. An
+        error line of `medm infer` (`error` instead of `prediction`) is kept as an empty answer marked
+        `unanswered`.
         """
         out = []
         for i, row in enumerate(rows):
+            if not isinstance(row.get("prediction"), str) and "error" in row:
+                # `medm infer` could not read this record's media: unanswered, scored as an empty answer.
+                row = {**row, "prediction": "", "unanswered": True}
             if not isinstance(row.get("prediction"), str):
                 raise TaskError(f"{where}: {row_name(row, i)} has no text 'prediction'")
             if row.get("answer") is None:

@@ -76,7 +76,7 @@ class HFVisionEncoder(VisionEncoder):
         if not cfg.get("config"):
             if not path:
                 raise ValueError(f"vision encoder {cls.registry_name!r} needs `path` or `config`")
-            hf = AutoConfig.from_pretrained(path)
+            hf = AutoConfig.from_pretrained(path, trust_remote_code=False)
             # A full CLIP/SigLIP checkpoint has a text tower too; keep the vision part.
             hf = getattr(hf, "vision_config", hf)
             cfg["config"] = {k: v for k, v in hf.to_diff_dict().items() if k not in ("transformers_version",)}
