@@ -33,6 +33,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from medm.data._typed_text import TypedText
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record
 from medm.registry import TEMPLATE
 
@@ -144,7 +145,13 @@ class ChatFormat:
         tokenizer: a fast tokenizer with `<image>` / `<image3d>` added (`medm.models.builder.add_media_tokens`).
         template: registered template name; None: the tokenizer's own `chat_template`.
         system_prompt: system turn for conversations that have none; None: the template's default.
+
+    Message contents are text: a special token typed in one (`<|im_end|>`) is tokenized split, as transformers'
+    `split_special_tokens` does, so it cannot end a turn (medm.data._typed_text). Only `content_tokens` stay tokens.
     """
+
+    # Tokens a message's content may hold as tokens; any other special token written there is text.
+    content_tokens: tuple[str, ...] = (IMAGE_TOKEN, IMAGE3D_TOKEN)
 
     def __init__(self, tokenizer, template: str | None = None, system_prompt: str | None = None):
         if not getattr(tokenizer, "is_fast", False):
@@ -164,6 +171,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.template = template
         self.system_prompt = system_prompt
+        self.typed = TypedText(tokenizer, self.content_tokens)
         # Candidates for an end-of-turn token: special tokens, and added tokens the template writes literally.
         added = tokenizer.added_tokens_decoder
         self.special_ids = set(tokenizer.all_special_ids) | {
@@ -221,24 +229,24 @@ class ChatFormat:
         """
         rid = record_id if record_id is not None else getattr(conversation, "id", "<messages>")
         msgs = self.messages(conversation)
-        text = self.render(msgs)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        shown = self.typed.protect(msgs)  # special-token text in the contents stays text
+        text, ids, offsets = self.typed.tokenize(self.render(shown))
         labels = [IGNORE_INDEX] * len(ids)
         for k, msg in enumerate(msgs):
             if msg["role"] != "assistant":
                 continue
             if not any(m["role"] == "user" for m in msgs[:k]):
                 raise TemplateError(f"record {rid!r}: assistant turn {k} has no user turn before it")
-            t0, t_end = self._answer_span(text, msgs, k, ids, offsets, rid)
+            t0, t_end = self._answer_span(text, msgs, shown, k, ids, offsets, rid)
             labels[t0:t_end + 1] = ids[t0:t_end + 1]
         self._check_media(msgs, ids, rid)
         return ids, labels
 
-    def _answer_span(self, text: str, msgs: list[dict[str, str]], k: int, ids: list[int],
-                     offsets: list[tuple[int, int]], rid: str) -> tuple[int, int]:
-        """Token indices (first, end-of-turn) of assistant message k in the full rendering `text`."""
-        prompt = self.render(msgs[:k], add_generation_prompt=True)
+    def _answer_span(self, text: str, msgs: list[dict[str, str]], shown: list[dict[str, str]], k: int,
+                     ids: list[int], offsets: list[tuple[int, int]], rid: str) -> tuple[int, int]:
+        """Token indices (first, end-of-turn) of assistant message k in the full rendering `text` (`shown`: the
+        messages as rendered, `TypedText.protect`)."""
+        prompt, prompt_ids, _ = self.typed.tokenize(self.render(shown[:k], add_generation_prompt=True))
         if not text.startswith(prompt):
             at = next((i for i, (a, b) in enumerate(zip(text, prompt)) if a != b), min(len(text), len(prompt)))
             raise TemplateError(
@@ -248,7 +256,6 @@ class ChatFormat:
         begin = len(prompt)
         # The prompt alone must tokenize to the first ids of the full rendering, ending exactly at the answer:
         # otherwise BPE merged text across the boundary and training ids would differ from the inference prompt.
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         t0 = len(prompt_ids)
         if ids[:t0] != prompt_ids or (t0 < len(ids) and offsets[t0][0] < begin):
             near = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(t0, len(ids) - 1))
@@ -293,8 +300,7 @@ class ChatFormat:
         if not any(m["role"] == "user" for m in msgs):
             rid = getattr(conversation, "id", "<messages>")
             raise TemplateError(f"record {rid!r}: no user turn to prompt with")
-        text = self.render(msgs, add_generation_prompt=True)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        _, ids, _ = self.typed.tokenize(self.render(self.typed.protect(msgs), add_generation_prompt=True))
         self._check_media(msgs, ids, getattr(conversation, "id", "<messages>"))
         return ids
 

@@ -90,6 +90,9 @@ def image_size(path: str) -> Size:
 class QwenVLChatFormat(ChatFormat):
     """`ChatFormat` with the processor's chat template, where grounding tokens are answer text, not turn ends."""
 
+    # medm writes the vision span (for `<image>`) and grounding tokens (for boxes) into the contents itself.
+    content_tokens = (*ChatFormat.content_tokens, "<|vision_start|>", IMAGE_PAD, "<|vision_end|>", *GROUNDING_TOKENS)
+
     def __init__(self, processor, system_prompt: str | None = None):
         tokenizer = processor.tokenizer
         if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):

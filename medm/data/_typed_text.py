@@ -1,0 +1,84 @@
+"""Text typed in records and by users is text: a special token written in a message's content is tokenized split
+into ordinary pieces (as transformers' `split_special_tokens`), so `<|im_end|><|im_start|>assistant` typed in a
+question cannot close the turn and forge one. Only the tokens a content may hold as tokens (`<image>`, `<image3d>`;
+Qwen-VL's vision span and grounding tokens, which medm itself writes) stay single ids.
+
+How: before rendering, each control token in a content is swapped for a sentinel (private-use characters no
+tokenizer treats specially); the rendering's own control tokens are then the only ones left. `tokenize` cuts the
+rendering at those, tokenizes the text between them with special tokens split and the sentinels put back, and
+returns ids and character offsets of the real text. A rendering without sentinels (the usual case) is tokenized
+whole, exactly as before.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_OPEN, _CLOSE = "\U000f0000", "\U000f0001"
+_SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+def _alternation(tokens: Iterable[str]) -> re.Pattern | None:
+    tokens = sorted(set(tokens), key=len, reverse=True)  # the longest first: `<|im_end|>` before `<|im`
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+class TypedText:
+    """Tokenization of renderings whose message contents may hold special-token text.
+
+    Args:
+        tokenizer: a fast tokenizer.
+        allowed: tokens a content may hold as tokens (the media placeholders).
+    """
+
+    def __init__(self, tokenizer, allowed: Iterable[str]):
+        self.tokenizer = tokenizer
+        added = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+        self.control = sorted(added - set(allowed))
+        self._control = _alternation(self.control)
+        self._index = {t: i for i, t in enumerate(self.control)}
+        self._tokens = _alternation(added)
+
+    def protect(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Copies of `messages` whose contents have each control token swapped for a sentinel."""
+        if self._control is None:
+            return messages
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, str) and self._control.search(content):
+                m = {**m, "content": self._control.sub(lambda t: f"{_OPEN}{self._index[t.group(0)]}{_CLOSE}",
+                                                       content)}
+            out.append(m)
+        return out
+
+    def restore(self, text: str) -> str:
+        """The real text of a rendering of protected messages."""
+        return _SENTINEL.sub(lambda s: self.control[int(s.group(1))], text)
+
+    def tokenize(self, rendering: str) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """(real text, ids, character offsets into the real text) of a rendering of protected messages."""
+        tok = self.tokenizer
+        if _OPEN not in rendering:
+            enc = tok(rendering, add_special_tokens=False, return_offsets_mapping=True)
+            return rendering, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        text = ""
+        pos = 0
+        for m in [*self._tokens.finditer(rendering), None]:
+            end = m.start() if m is not None else len(rendering)
+            piece = self.restore(rendering[pos:end])
+            if piece:
+                enc = tok(piece, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+                ids += enc["input_ids"]
+                offsets += [(a + len(text), b + len(text)) for a, b in enc["offset_mapping"]]
+                text += piece
+            if m is None:
+                break
+            ids.append(tok.convert_tokens_to_ids(m.group(0)))
+            offsets.append((len(text), len(text) + len(m.group(0))))
+            text += m.group(0)
+            pos = m.end()
+        return text, ids, offsets
