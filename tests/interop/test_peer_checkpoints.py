@@ -28,6 +28,7 @@ CASES = {
     "medmvl193-2d-clip": ("medm-vl", []),
     "medmvl-ct-slices": ("medm-vl", ["--image3d-slices", "32"]),
     "medmvl193-ct-slices": ("medm-vl", ["--image3d-slices", "32"]),
+    "medmvl193-3d-medmclip": ("medm-vl", []),
     "tinyllava-clip-finetune": ("tinyllava", []),
     "tinyllava-clip-pretrain": ("tinyllava", []),
     "tinyllava-siglip-finetune": ("tinyllava", []),
@@ -40,7 +41,7 @@ def _bases(case: Path) -> list[str]:
     bases = sorted(p for p in (case / "bases").iterdir())
     llm = next(p for p in bases if "qwen2" in p.name)
     enc = next(p for p in bases if p != llm)
-    return ["--llm-path", str(llm), "--encoder-path", str(enc)]
+    return ["--llm-path", str(llm), "--encoder3d-path" if enc.name == "medmclip" else "--encoder-path", str(enc)]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,11 @@ def test_peer_records_prompts_ids_labels_and_logits(imported, name):
             if f"{rec.id}/image3d" in tensors:
                 want3d = tensors[f"{rec.id}/image3d"]  # one channel: the peer's three are copies
                 torch.testing.assert_close(pixels3d, want3d.expand_as(pixels3d), atol=1e-5, rtol=0)
+            if f"{rec.id}/image3d_strided" in tensors:  # MedM-CLIP-CT's 32 x 256 x 256: a sample and the sum
+                torch.testing.assert_close(pixels3d[..., ::2, ::16, ::16], tensors[f"{rec.id}/image3d_strided"],
+                                           atol=1e-5, rtol=0)
+                # float32 rounding only: under 1e-6 per voxel on average
+                assert abs(pixels3d.double().sum() - tensors[f"{rec.id}/image3d_sum"][0]) < 1e-6 * pixels3d.numel()
             theirs, length = tensors[f"{rec.id}/{mode}/logits"], int(tensors[f"{rec.id}/{mode}/length"])
             assert len(ids) == length  # the placeholders expand to as many features as the peer inserts
             for which, m in (("load_trained", model), ("model.yaml + stage.init_from", rebuilt)):
