@@ -178,3 +178,32 @@ def test_ct_intensity_follows_the_medm_vl_version(imported, tmp_path, name, defa
     png = FIXTURES / "medmvl-2d-siglip" / "data" / "img0.png"
     with pytest.raises(VolumeLoadError, match=r"img0\.png.*read MedM-VL's \.npy volumes"):
         medm_vl_volume(png, (32, 32, 32), "hu")
+
+
+def test_medm_train_from_the_imported_model_yaml_keeps_the_peer_logits(imported, tmp_path):
+    """`medm train model=OUT/model.yaml stage.init_from=OUT` on the peer's records (learning rate 0): the trained
+    checkpoint still gives MedM-VL's logits, its re-initialised head kept apart from the embeddings."""
+    from medm.train.args import parse_train_config
+    from medm.train.trainer import run_training
+
+    name = "medmvl-2d-siglip"
+    case, out, *_ = imported(name)
+    assert json.loads((case / "expected.json").read_text())["lm_head_equals_embeddings"] is False
+    assert load_yaml(str(out / "model.yaml"))["llm"]["config"]["tie_word_embeddings"] is False
+    data = case / "data"
+    cfg = parse_train_config({
+        "model": load_yaml(str(out / "model.yaml")),
+        "stage": {"init_from": str(out), "vision": "full", "connector": "full", "llm": "full"},
+        "data": {"path": str(data / "records.json"), "image_dir": str(data), "max_length": 1024},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 1,
+                  "learning_rate": 0.0, "weight_decay": 0.0, "warmup_steps": 0, "logging_steps": 1,
+                  "save_strategy": "no", "report_to": [], "disable_tqdm": True, "device": "cpu", "plot_loss": False}})
+    assert run_training(cfg).state.global_step == 1
+    model, tok = load_trained(str(tmp_path / "run"))
+    ds = build_dataset(DataArgs(path=str(data / "records.json"), image_dir=str(data)), model.eval(), tok)
+    tensors = load_file(str(case / "expected.safetensors"))
+    item = ds[0]
+    theirs = tensors["r2d/train/logits"]
+    with torch.no_grad():
+        logits = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"]).logits[0]
+    torch.testing.assert_close(logits[-len(theirs):, :theirs.shape[1]], theirs, atol=1e-4, rtol=0)
