@@ -143,3 +143,18 @@ def test_a_hub_model_not_on_disk_fails_at_once_without_network(monkeypatch):
     with pytest.raises(ConfigError, match="model.llm.tokenizer: .*no connection to 127.0.0.1"):
         require_available("nobody-medm-test/no-such-model", "model.llm.tokenizer", "tokenizer_config.json")
     require_available(str(REPO), "model.llm.path")  # a local directory is always fine
+
+
+@pytest.mark.parametrize("builder", ["slake", "pathvqa", "medtrinity"])
+def test_a_data_builder_without_its_source_is_one_line(capsys, builder, tmp_path):
+    assert main(["data", "build", builder, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: builder {builder!r} needs --src"
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_chat_and_serve_on_a_folder_that_is_not_a_checkpoint_is_one_line(capsys, command, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main([command, "--model", str(tmp_path / "empty"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: cannot open --model {tmp_path / 'empty'}: ")

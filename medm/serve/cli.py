@@ -28,6 +28,18 @@ def _model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1)")
 
 
+def _open(args: argparse.Namespace):
+    """The Predictor, or None after one error line naming --model (a folder that is not a checkpoint, a moved base)."""
+    from medm.infer.cli import open_predictor
+
+    try:
+        return open_predictor(args)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot open --model {args.model}: {' '.join(str(e).split())} (give a training run's "
+              "output_dir, a checkpoint-N or an exported model)", file=sys.stderr)
+        return None
+
+
 def _settings(args: argparse.Namespace):
     from medm.infer import GenerationSettings
 
@@ -43,9 +55,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print("error: give --image or --volume, not both (one picture per conversation; /image and /volume "
               "change it later)", file=sys.stderr)
         return 2
-    from medm.infer.cli import open_predictor
-
-    predictor = open_predictor(args)
+    predictor = _open(args)
+    if predictor is None:
+        return 2
     with tempfile.TemporaryDirectory(prefix="medm-chat-") as work:  # unpacked DICOM series, volume cache
         loop = ChatLoop(predictor, _settings(args), whole_volumes=takes_volumes(args.model), work_dir=work)
         if sys.stdin.isatty():
@@ -61,12 +73,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from medm.infer.cli import open_predictor
     from medm.serve.api import build_app
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     name = args.name or os.path.basename(os.path.normpath(args.model))
-    app = build_app(open_predictor(args), name, defaults=_settings(args), max_concurrency=args.max_concurrency,
+    predictor = _open(args)
+    if predictor is None:
+        return 2
+    app = build_app(predictor, name, defaults=_settings(args), max_concurrency=args.max_concurrency,
                     max_request_bytes=int(args.max_request_mb * 1024**2), max_batch_size=args.max_batch_size,
                     allow_local_files=not args.no_local_files)
     print(f"medm serve: {args.model} as {name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
