@@ -14,7 +14,8 @@ What maps, exactly (weights are copied unchanged):
 | TinyLLaVA_Factory                                   | medm                                              |
 |-----------------------------------------------------|---------------------------------------------------|
 | `language_model.*` (any HF causal LM)               | `llm.*` (a missing `lm_head` is tied)             |
-| `vision_tower._vision_tower.*` (HF SigLIP / CLIP)   | `vision.model.*`                                  |
+| `vision_tower._vision_tower.*` (HF SigLIP / CLIP;   | `vision.model.*` (transformers' own 4.x -> 5.x    |
+| 4.x `vision_model.*` names, as TinyLLaVA saves)     | renaming)                                         |
 | `vision_feature_layer`                              | `select_layer`                                    |
 | `vision_feature_select_strategy` patch / cls_patch  | `select_feature` patch (CLS dropped) / cls_patch  |
 | `patch` on a tower without CLS (SigLIP)             | `select_feature` skip_first (top-left patch dropped) |
