@@ -307,6 +307,9 @@ def write_medm_checkpoint(spec: ImportSpec, src: str, out: str, *, fmt: str, fam
                            "tie_word_embeddings: true; imported untied (tie_word_embeddings: false)", src)
             text_config.tie_word_embeddings = False
             config.text_config.tie_word_embeddings = False
+            notes = list(notes or []) + ["The source's `lm_head` differs from its input embeddings though its LLM "
+                                         "config says tied (a head re-initialised after a checkpoint that omitted "
+                                         "it): imported untied, `tie_word_embeddings: false`."]
             with torch.device("meta"):
                 model = MedMForConditionalGeneration(config)
         elif emb_key in state:
