@@ -41,8 +41,10 @@ class TypedText:
         self._tokens = _alternation(added)
 
     def protect(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """Copies of `messages` whose contents have each control token swapped for a sentinel."""
-        if self._control is None:
+        """Copies of `messages` whose contents have each control token swapped for a sentinel; `messages` itself
+        when no content holds one."""
+        if self._control is None or not any(isinstance(m.get("content"), str) and self._control.search(m["content"])
+                                            for m in messages):
             return messages
         out = []
         for m in messages:
@@ -57,10 +59,14 @@ class TypedText:
         """The real text of a rendering of protected messages."""
         return _SENTINEL.sub(lambda s: self.control[int(s.group(1))], text)
 
-    def tokenize(self, rendering: str) -> tuple[str, list[int], list[tuple[int, int]]]:
-        """(real text, ids, character offsets into the real text) of a rendering of protected messages."""
+    def tokenize(self, rendering: str, pieces: bool = False) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """(real text, ids, character offsets into the real text) of a rendering of protected messages.
+
+        `pieces`: cut at the control tokens even without a sentinel (a prompt of a conversation whose later turns
+        hold one, so that it tokenizes as the full conversation does).
+        """
         tok = self.tokenizer
-        if _OPEN not in rendering:
+        if _OPEN not in rendering and not pieces:
             enc = tok(rendering, add_special_tokens=False, return_offsets_mapping=True)
             return rendering, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         ids: list[int] = []

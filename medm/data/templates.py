@@ -230,7 +230,7 @@ class ChatFormat:
         rid = record_id if record_id is not None else getattr(conversation, "id", "<messages>")
         msgs = self.messages(conversation)
         shown = self.typed.protect(msgs)  # special-token text in the contents stays text
-        text, ids, offsets = self.typed.tokenize(self.render(shown))
+        text, ids, offsets = self.typed.tokenize(self.render(shown), pieces=shown is not msgs)
         labels = [IGNORE_INDEX] * len(ids)
         for k, msg in enumerate(msgs):
             if msg["role"] != "assistant":
@@ -246,7 +246,8 @@ class ChatFormat:
                      ids: list[int], offsets: list[tuple[int, int]], rid: str) -> tuple[int, int]:
         """Token indices (first, end-of-turn) of assistant message k in the full rendering `text` (`shown`: the
         messages as rendered, `TypedText.protect`)."""
-        prompt, prompt_ids, _ = self.typed.tokenize(self.render(shown[:k], add_generation_prompt=True))
+        prompt, prompt_ids, _ = self.typed.tokenize(self.render(shown[:k], add_generation_prompt=True),
+                                                    pieces=shown is not msgs)
         if not text.startswith(prompt):
             at = next((i for i, (a, b) in enumerate(zip(text, prompt)) if a != b), min(len(text), len(prompt)))
             raise TemplateError(
