@@ -218,15 +218,20 @@ def load_model(path: str, dtype: str | None = None, device: str | torch.device |
     model, info = MedMForConditionalGeneration.from_pretrained(path, config=config, use_safetensors=True,
                                                                output_loading_info=True,
                                                                dtype=resolve_dtype(dtype) if dtype else None)
-    missing = sorted(info["missing_keys"])
-    if missing:
-        # transformers would start them at random and answer anyway; a model without its connector answers noise.
-        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) this model needs: {shown}. A "
-                         "truncated copy or an incomplete save? Use a complete checkpoint directory")
+    refuse_missing_weights(path, info)
     if device is not None:
         model.to(device)
     return model, load_processing(path, trust_remote_code)
+
+
+def refuse_missing_weights(path: str, loading_info: dict) -> None:
+    """Raise ValueError naming the weights a checkpoint lacks (`from_pretrained(output_loading_info=True)`):
+    transformers would start them at random and answer anyway, and a model without its connector answers noise."""
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) this model needs: {shown}. A "
+                         "truncated copy or an incomplete save? Use a complete checkpoint directory")
 
 
 def checkpoint_kind(path: str) -> str:

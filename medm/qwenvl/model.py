@@ -185,8 +185,11 @@ def load_qwenvl(path: str, dtype: str | None = None, device: str | torch.device 
     """Reopen a qwen-vl checkpoint written by medm (config.json with `medm`, safetensors, processor)."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     classes = classes_for(config.model_type, f"checkpoint {path}")
-    model = classes.model.from_pretrained(path, config=config, use_safetensors=True,
-                                          dtype=resolve_dtype(dtype) if dtype else None)
+    model, info = classes.model.from_pretrained(path, config=config, use_safetensors=True, output_loading_info=True,
+                                                dtype=resolve_dtype(dtype) if dtype else None)
+    from medm.models.builder import refuse_missing_weights
+
+    refuse_missing_weights(path, info)
     if device is not None:
         model.to(device)
     return model, load_qwenvl_processor(path, trust_remote_code)

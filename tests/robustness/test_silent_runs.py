@@ -4,6 +4,7 @@ random connector and answered. Each is now an error naming the cause."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from train_helpers import make_cfg
 
 from medm.cli import main
-from medm.config import ConfigError
+from medm.config import ConfigError, load_yaml
 from medm.data.annotations import AnnotationError, load_records
 from medm.infer.predictions import run_inference
 from medm.models import build_model, save_model
@@ -64,3 +65,15 @@ def test_a_checkpoint_without_its_connector_does_not_load(tmp_path, toy_data):
     model, _ = load_model(str(ckpt))
     assert torch.equal(model.connector.mlp[0].weight, weights["connector.mlp.0.weight"])
     assert json.loads((ckpt / "config.json").read_text())["connector"]["name"] and os.path.isdir(ckpt)
+
+
+def test_a_qwen_vl_checkpoint_without_its_merger_does_not_load(tmp_path):
+    torch.manual_seed(0)
+    cfg = load_yaml(str(Path(__file__).resolve().parents[2] / "configs/model/tiny-qwen2.5-vl.yaml"))
+    ckpt = tmp_path / "qwenvl"
+    save_model(*build_model(cfg), str(ckpt))
+    weights = load_file(ckpt / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".merger." not in k}, ckpt / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 5 weight\(s\).*model\.visual\.merger\.ln_q\.weight"):
+        load_model(str(ckpt))
