@@ -82,3 +82,36 @@ def test_grayscale_tower_exports_and_imports_back(tmp_path, vision):
     assert ours.keys() == theirs.keys()
     for k in ours:
         torch.testing.assert_close(theirs[k], ours[k], atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_model_exported_answers_held_out_questions_like_medm(tmp_path, monkeypatch):
+    """`medm demo` (a few steps; its CLIP tower reads 1-channel 64 px phantoms), exported to llava-hf: transformers
+    alone gives the same greedy answers as medm's Predictor on the demo's held-out questions."""
+    from medm.data.annotations import load_records
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this process's thread count
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--pretrain-steps", "2", "--finetune-steps", "6", "--n-train", "16",
+                 "--n-test", "6"]) == 0
+    ckpt = out / "finetune"
+    assert main(["export", "--to", "llava-hf", str(ckpt), str(tmp_path / "llava")]) == 0
+    llava = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "llava", backend="pil")
+    assert llava.config.vision_config.num_channels == 3
+    pred = Predictor.from_pretrained(str(ckpt))
+    assert pred.model.config.vision["config"]["num_channels"] == 1
+    records = load_records(str(out / "data" / "test.json"))
+    settings = GenerationSettings(max_new_tokens=6)
+    for rec in records:
+        image = Image.open(out / "data" / rec.image[0])
+        question = next(m["content"] for m in rec.messages() if m["role"] == "user").replace("<image>", "").strip()
+        ids = pred.encode([{"role": "user", "content": "<image>\n" + question}])
+        msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == ids, rec.id
+        new = pred.generate_ids([ids], pred.images([image]), settings)[0]
+        with torch.no_grad():
+            theirs = llava.generate(**inputs, max_new_tokens=6)[0, len(ids):].tolist()
+        assert theirs == new, rec.id
