@@ -17,7 +17,7 @@ import os
 import random
 from typing import Any
 
-from medm.data.annotations import read_json_records, write_json_records
+from medm.data.annotations import read_json_records, read_text, write_json_records
 
 
 class SplitError(ValueError):
@@ -66,12 +66,11 @@ def split_file(path: str, out: str, dev_ratio: float = 0.1, seed: int = 0, by: s
     Returns:
         Paths by split name and the counts: `{"train": path, "dev": path, "counts": {...}}`.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)  # UTF-8 with or without a byte-order mark, UTF-16 / 32; else an error naming the line
     container: dict[str, Any] | None = None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         data = read_json_records(path)  # JSONL (its errors name the line)
     if isinstance(data, dict):
         container = data

@@ -91,3 +91,12 @@ def test_validate_reports_duplicate_ids_and_control_tokens_in_answers(tmp_path, 
     quoted = tmp_path / "q.json"
     quoted.write_text(json.dumps([_rec("q", [{"from": "human", "value": "What is </s>?"}, TURNS[1]])]))
     assert main(["data", "validate", str(quoted)]) == 0
+
+
+def test_split_reads_a_file_with_a_byte_order_mark(tmp_path, capsys):
+    path = tmp_path / "labels.json"
+    items = [{"id": f"r{i}", "image": [f"{i}.png"], "conversations": TURNS} for i in range(4)]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())
+    assert main(["data", "split", str(path), "--out", str(tmp_path / "s"), "--by", "image", "--dev-ratio", "0.5"]) == 0
+    train, dev = (json.loads((tmp_path / "s" / f"{n}.json").read_text()) for n in ("train", "dev"))
+    assert sorted(r["id"] for r in train + dev) == ["r0", "r1", "r2", "r3"] and len(dev) == 2
