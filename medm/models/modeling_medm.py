@@ -39,6 +39,29 @@ def build_tower(vision: dict, connector: dict, llm_hidden: int) -> tuple[nn.Modu
     return encoder, conn
 
 
+def idle_tower_zero(encoder: nn.Module, connector: nn.Module, blank: torch.Tensor) -> torch.Tensor:
+    """A 0 that depends on every parameter of a tower: its features for one blank input, summed, times 0.
+
+    Nothing when the tower is frozen and its weights live whole on this rank (plain DDP, one process): then no
+    other rank waits for it. Trained batch norms run in eval mode here, so the blank leaves their running
+    statistics alone. blank: (1, ...) one preprocessed blank image or volume.
+    """
+    params = [p for m in (encoder, connector) for p in m.parameters()]
+    # ZeRO-3 marks its partitioned parameters with `ds_id`: every rank must then gather them in the same order.
+    if not any(p.requires_grad or hasattr(p, "ds_id") for p in params):
+        return blank.new_zeros(())
+    norms = [m for m in (*encoder.modules(), *connector.modules())
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        features = connector(encoder(blank))
+    finally:
+        for m in norms:
+            m.train()
+    return features.sum() * 0
+
+
 def place_features(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, features: torch.Tensor | None,
                    token_id: int, what: str) -> torch.Tensor:
     """Scatter (n, M, D) feature rows into the positions of `token_id`, in reading order.
@@ -144,22 +167,40 @@ class MedMForConditionalGeneration(MedMPreTrainedModel, GenerationMixin):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               pixel_values_3d: torch.Tensor | None = None):
-        """Token embeddings with image / volume features in place: (B, T) -> (B, T, D_llm)."""
+        """Token embeddings with image / volume features in place: (B, T) -> (B, T, D_llm).
+
+        In training, a tower this batch gives nothing to still runs, on a blank input whose features are added
+        times 0 (`idle_tower_zero`): every rank then runs the same modules in the same order and every trainable
+        parameter gets a gradient (0), so a text-only batch on one rank and an image batch on another neither
+        breaks DDP's gradient reduction nor desynchronises ZeRO-3's parameter gathering.
+        """
         embeds = self.get_input_embeddings()(input_ids)
         image_features = image3d_features = None
-        if pixel_values is not None:
+        if pixel_values is not None and pixel_values.shape[0]:
             image_features = self.get_image_features(pixel_values)
+        elif self.training and self.vision is not None:
+            embeds = embeds + idle_tower_zero(self.vision, self.connector, self._blank("vision", embeds.device))
         if self.config.image_token_id is not None:
             embeds = place_features(input_ids, embeds, image_features, self.config.image_token_id, "image")
         elif image_features is not None:
             raise ValueError("pixel_values given but the config has no image_token_id")
-        if pixel_values_3d is not None:
+        if pixel_values_3d is not None and pixel_values_3d.shape[0]:
             image3d_features = self.get_image3d_features(pixel_values_3d)
+        elif self.training and self.vision3d is not None:
+            embeds = embeds + idle_tower_zero(self.vision3d, self.connector3d, self._blank("vision3d", embeds.device))
         if self.config.image3d_token_id is not None:
             embeds = place_features(input_ids, embeds, image3d_features, self.config.image3d_token_id, "image3d")
         elif image3d_features is not None:
             raise ValueError("pixel_values_3d given but the config has no image3d_token_id")
         return embeds, image_features, image3d_features
+
+    def _blank(self, slot: str, device: torch.device) -> torch.Tensor:
+        """(1, C, H, W) blank image (`vision`) or (1, C, D, H, W) blank volume (`vision3d`) the encoder takes."""
+        cache = self.__dict__.setdefault("_blanks", {})
+        if slot not in cache:
+            cfg = getattr(self.config, slot)
+            cache[slot] = VISION.get(cfg["name"]).preprocessor(cfg).blank().unsqueeze(0)
+        return cache[slot].to(device)
 
     # ---- forward and generation ---------------------------------------------------------------------------------
     def forward(

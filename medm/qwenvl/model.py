@@ -15,6 +15,7 @@ checkpoint reopens with them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ class QwenVLMixin:
 
     # Stage-plan component -> module paths; the first `vision` path holds the blocks that `partial:N` counts.
     _stage_paths: dict[str, tuple[str, ...]] = {}
+    # transformers marks these classes False, so its Trainer would average the loss per rank and per accumulation
+    # step; their loss does take `num_items_in_batch`, and with it a step's loss is the mean over all its tokens,
+    # whatever the number of ranks (`average_tokens_across_devices`) or accumulation steps.
+    accepts_loss_kwargs = True
 
     def stage_components(self) -> dict[str, list[str]]:
         return {name: list(paths) for name, paths in self._stage_paths.items()}
@@ -66,16 +71,59 @@ class QwenVLMixin:
         return QwenVLPredictor
 
 
+    def idle_tower_zero(self) -> torch.Tensor:
+        """A 0 that depends on every vision-tower parameter: its merged (and deepstack) features for one blank
+        image of `spatial_merge_size`^2 patches, summed, times 0. Nothing when the tower is frozen and whole on this
+        rank (see medm.models.modeling_medm.idle_tower_zero)."""
+        visual = self.model.visual
+        device = self.get_input_embeddings().weight.device
+        if not any(p.requires_grad or hasattr(p, "ds_id") for p in visual.parameters()):
+            return torch.zeros((), device=device)
+        embed, merge = visual.patch_embed, visual.spatial_merge_size
+        pixels = torch.zeros(merge * merge, embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2,
+                             device=device)
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        out = self.model.get_image_features(pixels, grid, return_dict=True)
+        parts = [*out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+        return sum(p.sum() for p in parts) * 0
+
+
+def _runs_idle_tower(forward):
+    """`forward` of a Qwen-VL class, except that a training batch without images or videos still runs the vision
+    tower, on a blank image whose features are added to the token embeddings times 0: every rank of a distributed
+    run then gathers (ZeRO-3) and reduces (DDP) the same parameters whatever its batch holds. The signature is
+    `forward`'s own (functools.wraps), which generation and the Trainer inspect.
+
+    The blank runs right after the token embedding (a forward hook), where transformers runs the tower on real
+    images: ZeRO-3 prefetches parameters in the module order it traced, which must not change from step to step."""
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        if not self.training or any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos",
+                                                                           "inputs_embeds")):
+            return forward(self, *args, **kwargs)
+        handle = self.get_input_embeddings().register_forward_hook(
+            lambda module, inputs, embeds: embeds + self.idle_tower_zero().to(embeds.dtype))
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    return wrapped
+
+
 _QWEN2_PATHS = {"vision": ("model.visual.blocks", "model.visual.patch_embed"),
                 "connector": ("model.visual.merger",), "llm": ("model.language_model", "lm_head")}
 
 
 class Qwen2VLForConditionalGeneration(QwenVLMixin, modeling_qwen2_vl.Qwen2VLForConditionalGeneration):
     _stage_paths = _QWEN2_PATHS
+    forward = _runs_idle_tower(modeling_qwen2_vl.Qwen2VLForConditionalGeneration.forward)
 
 
 class Qwen2_5_VLForConditionalGeneration(QwenVLMixin, modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):
     _stage_paths = _QWEN2_PATHS
+    forward = _runs_idle_tower(modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration.forward)
 
 
 class Qwen3VLForConditionalGeneration(QwenVLMixin, modeling_qwen3_vl.Qwen3VLForConditionalGeneration):
@@ -83,6 +131,7 @@ class Qwen3VLForConditionalGeneration(QwenVLMixin, modeling_qwen3_vl.Qwen3VLForC
     _stage_paths = {"vision": ("model.visual.blocks", "model.visual.patch_embed", "model.visual.pos_embed"),
                     "connector": ("model.visual.merger", "model.visual.deepstack_merger_list"),
                     "llm": ("model.language_model", "lm_head")}
+    forward = _runs_idle_tower(modeling_qwen3_vl.Qwen3VLForConditionalGeneration.forward)
 
 
 @dataclass(frozen=True)

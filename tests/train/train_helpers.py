@@ -37,20 +37,52 @@ def write_bright_dark(out: Path, n: int = 16, size: int = 32, seed: int = 0) -> 
     return path
 
 
+def write_mixed(out: Path, n: int = 16, volumes: bool = False, size: int = 32, seed: int = 0) -> Path:
+    """Mixed-modality LLaVA records in train.json: the bright/dark images with text-only questions between them,
+    and with `volumes` also 16x32x32 `.npy` volumes (`image3d`): records cycle image, text(, volume)."""
+    write_bright_dark(out, n=n, size=size, seed=seed)
+    images = json.loads((out / "train.json").read_text())
+    rng = np.random.default_rng(seed + 1)
+    kinds = ("image", "text", "image3d") if volumes else ("image", "text")
+    records = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        yes = i % 4 < 2
+        if kind == "image":
+            records.append(images[i])
+        elif kind == "text":
+            answer = "yes" if i % 2 == 0 else "no"
+            records.append({"id": f"text{i}", "conversations": [
+                {"from": "human", "value": f"Is {i} an even number?"}, {"from": "gpt", "value": answer}]})
+        else:
+            (out / "volumes").mkdir(exist_ok=True)
+            vol = np.clip((200 if yes else 50) + rng.normal(0, 20, (16, 32, 32)), 0, 255).astype(np.uint8)
+            np.save(out / "volumes" / f"{i:03d}.npy", vol)
+            answer = "yes" if yes else "no"
+            records.append({"id": f"vol{i}", "image3d": [f"volumes/{i:03d}.npy"], "conversations": [
+                {"from": "human", "value": f"<image3d>\n{QUESTION}"}, {"from": "gpt", "value": answer}]})
+    path = out / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def make_cfg(out: Path, data: Path, stage: dict | None = None, model: dict | None = None, **train):
-    """A TrainConfig for the tiny model on `data`, quiet and CPU-only; `train` keys override the defaults."""
+def make_cfg(out: Path, data: Path, stage: dict | None = None, model: dict | None = None, data_args: dict | None = None,
+             **train):
+    """A TrainConfig for the tiny model on `data`, quiet and CPU-only; `train` (and `data_args`) keys override the
+    defaults."""
     t = {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
          "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no",
          "report_to": [], "disable_tqdm": True, "device": "cpu"}
     t.update(train)
     return parse_train_config({"model": model or tiny_model_config(), "stage": stage or {}, "train": t,
-                               "data": {"path": str(data), "image_dir": str(data.parent), "max_length": 256}})
+                               "data": {"path": str(data), "image_dir": str(data.parent), "max_length": 256,
+                                        **(data_args or {})}})
 
 
 def run_env(**extra) -> dict:
