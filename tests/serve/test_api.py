@@ -151,17 +151,20 @@ def test_3d_volumes_as_data_url_and_path(serve_app, ckpt3d, media):
 @pytest.mark.slow
 def test_medm_serve_command_answers_and_stops_on_sigterm(ckpt2d, media, tmp_path):
     import os
+    import socket
     import subprocess
     import sys
+    from pathlib import Path
 
-    from conftest import REPO, free_port
-
-    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "serve.log"
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "medm.cli", "serve", "--model", str(ckpt2d), "--port",
-                                 str(port), "--device", "cpu", "--max-new-tokens", "8"], cwd=REPO, env=env,
+                                 str(port), "--device", "cpu", "--max-new-tokens", "8"], cwd=repo, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
