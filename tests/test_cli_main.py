@@ -43,6 +43,17 @@ def test_train_help_lists_each_sections_keys_and_the_reference(capsys):
         assert line in flat, line
 
 
+def test_train_help_keys_are_the_config_dataclasses_fields():
+    import dataclasses
+    import importlib
+
+    from medm.train.cli import _SECTIONS, section_keys
+
+    for module, name in _SECTIONS.values():
+        cls = getattr(importlib.import_module(module), name)
+        assert section_keys(module, name) == [f.name for f in dataclasses.fields(cls)], name
+
+
 @pytest.mark.parametrize("extra, fix", [(["--model", "configs/model/tiny.yaml"], "write model=configs/model/tiny.yaml"),
                                         (["--max-steps=5"], "write max_steps=5")])
 def test_option_style_settings_get_a_key_value_hint(capsys, extra, fix):

@@ -86,24 +86,37 @@ _SECTIONS = {"model": ("medm.models.builder", "ModelArgs"), "model.llm": ("medm.
              "train": ("medm.train.args", "TrainArgs")}
 
 
+def section_keys(module: str, name: str) -> list[str]:
+    """The field names of dataclass `name` in `module`, read from its source: importing the config modules would
+    import torch, and `medm train --help` should not wait for that (tests check this against the dataclass)."""
+    import ast
+    from pathlib import Path
+
+    import medm
+
+    path = Path(medm.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return [st.target.id for st in node.body if isinstance(st, ast.AnnAssign)
+                    and isinstance(st.target, ast.Name) and "ClassVar" not in ast.unparse(st.annotation)]
+    raise KeyError(f"no class {name} in {path}")
+
+
 def config_keys_text(width: int = 100) -> str:
     """What `medm train --help` lists after the arguments: each section's keys, and where they are explained."""
-    import dataclasses
-    import importlib
     import textwrap
 
     lines = textwrap.wrap("settings: KEY=VALUE after the YAML (or in the YAML), e.g. train.max_steps=10 "
                           "data.path=train.json model=configs/model/tiny.yaml. Every key with its type, default and "
                           "meaning: docs/config_reference.md. The keys of each section:", width) + [""]
     for section, (module, name) in _SECTIONS.items():
-        keys = ", ".join(f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name)))
+        keys = ", ".join(section_keys(module, name))
         lines += textwrap.wrap(f"{section}: {keys}", width, initial_indent="  ", subsequent_indent="    ")
     return "\n".join(lines)
 
 
 class _HelpWithKeys(argparse.Action):
-    """-h for `medm train`: the usage, then `config_keys_text` (read from the config classes only when asked, as they
-    import torch)."""
+    """-h for `medm train`: the usage, then `config_keys_text`."""
 
     def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
         super().__init__(option_strings, dest, nargs=0, default=default, help=help)
