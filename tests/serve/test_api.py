@@ -190,3 +190,32 @@ def test_medm_serve_command_answers_and_stops_on_sigterm(ckpt2d, media, tmp_path
     # uvicorn shuts down gracefully, then ends by the signal it caught (as a process killed by it would).
     assert code in (0, -15) and "Traceback" not in log.read_text(), log.read_text()
     assert f"on http://127.0.0.1:{port}/v1" in log.read_text()
+
+
+def test_a_qwen_vl_checkpoint_serves_through_the_same_api(serve_app, media, tmp_path):
+    from pathlib import Path
+
+    import torch
+
+    from medm.config import load_yaml
+    from medm.models import build_model, save_model
+
+    torch.manual_seed(0)
+    repo = Path(__file__).resolve().parents[2]
+    model, processor = build_model(load_yaml(str(repo / "configs" / "model" / "tiny-qwen2.5-vl.yaml")))
+    with torch.no_grad():  # answers of several tokens, not an immediate end of turn
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    save_model(model, processor, str(tmp_path / "qwen"))
+    srv = serve_app(tmp_path / "qwen")
+    pic = {"type": "image_url", "image_url": {"url": data_url(media["png"])}}
+    out = srv.client().chat.completions.create(model="tiny", messages=user("Is there a lesion?", pic))
+    answer = out.choices[0].message.content
+    assert answer and answer == expected(srv.predictor, "Is there a lesion?", image=media["png"])
+    streamed = "".join(c.choices[0].delta.content or "" for c in srv.client().chat.completions.create(
+        model="tiny", messages=user("Is there a lesion?", pic), stream=True))
+    assert streamed == out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="this model has no 3D encoder"):
+        srv.client().chat.completions.create(model="tiny", messages=user("Any lesion?", {
+            "type": "volume_url", "volume_url": {"url": str(media["npy"])}}))
