@@ -69,8 +69,8 @@ def check_files(record: Record, image_dir: str | None = None, decode: bool = Tru
 
 
 # Chat-format control tokens of the common templates (ChatML / Qwen / Llama 3 / Phi `<|...|>`, Llama 2 / Mistral,
-# Gemma). In an answer they end the turn early or make training refuse the record (its rendering no longer splits
-# exactly); no tokenizer is needed to spot them.
+# Gemma). Training reads them in a record as plain text, so in an answer they teach the model to write control-token
+# text: nearly always a formatting slip of the source. No tokenizer is needed to spot them.
 CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|<(?:unk|pad|bos|eos|start_of_turn|end_of_turn)>|\[/?INST\]"
                            r"|<</?SYS>>")
 
