@@ -83,9 +83,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--image3d-slices", type=int, default=None, help="medm-vl: the checkpoint's 2D encoder reads "
                                                                     "volumes slice by slice (MedM-VL-CT-Chest: 32); "
                                                                     "import it as a 3D tower of this many slices")
-    p.add_argument("--ct-intensity", choices=("hu", "uint8"), default=None,
-                   help="medm-vl with --image3d-slices: how the checkpoint's MedM-VL version read CT .npy volumes: "
-                        "hu (b1b0770 and later: HU clipped to -1000..1000, scaled to 0..255) or uint8 (193feb7, "
-                        "the release era: stored uint8); default: hu for the current config format (lvlm_ keys), "
-                        "uint8 for the released one")
+    p.add_argument("--ct-intensity", choices=("hu", "stored"), default=None,
+                   help="medm-vl volumes: how the checkpoint's MedM-VL version read CT .npy volumes: hu (b1b0770 "
+                        "and later: HU clipped to -1000..1000, scaled to 0..255) or stored (193feb7, the release "
+                        "era: the stored values, uint8 for CT-Chest); default: hu for the current config format "
+                        "(lvlm_ keys), stored for the released one")
     p.set_defaults(func=_cmd_import)

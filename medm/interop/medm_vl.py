@@ -25,7 +25,7 @@ What maps, exactly (weights are copied unchanged):
 | pooling of the 3D grid, then `connector.*`)        |                                                             |
 | `encoder_image3d` `m3dclip` / `medmclip`           | `vit3d` (`checkpoint_format: m3d` / `medm-clip-ct`)         |
 | volumes through `encoder_image` (CT-Chest)         | `--image3d-slices N`: `vision3d: slices` + `connector3d`,   |
-| (HU clipped since b1b0770; uint8 at 193feb7)       | `medm_vl_ct: hu / uint8` (`--ct-intensity`)                 |
+| (HU clipped since b1b0770; as stored at 193feb7)   | `medm_vl_ct: hu / stored` (`--ct-intensity`)                |
 | conv_version `qwen2` prompt, EOS `<|im_end|>`      | template `medm-vl` with the tokenizer's EOS                 |
 | `lm_head` re-initialised apart from the embeddings | `tie_word_embeddings: false`                                |
 | image token id -200                                | the `<image>` / `<image3d>` special tokens, expanded        |
@@ -69,15 +69,10 @@ CONNECTORS = ("mlp", "attn_pooling", "spatial_pooling")
 ATTN_POOL_HEADS = 8
 # The option giving each base model a checkpoint may only name.
 _OPTION = {"llm": "llm-path", "encoder_image": "encoder-path", "encoder_image3d": "encoder3d-path"}
-# MedM-CLIP-CT's input standardisation (MedM-VL's Image3DProcessor for medmclip).
-_MEDMCLIP_MEAN_STD = [55.6982188356434, 66.1943479570918]
-# How MedM-VL's stored volumes are read, per 3D route (see docs/migrating.md for raw NIfTI / DICOM):
-# m3dclip: M3D's float .npy in [0, 1]; medmclip: raw values, standardised, foreground-cropped and resized here.
-# The slices route (CT-Chest) uses MedM-VL's own steps instead (`medm_vl_ct`, medm.data._medm_vl_ct):
+# Every 3D route (slices, m3dclip, medmclip) reads MedM-VL's CT .npy volumes with MedM-VL's own dataset and processor
+# steps (`medm_vl_ct`, medm.data._medm_vl_ct; see docs/migrating.md for raw NIfTI / DICOM), by MedM-VL version:
 _CT_NOTE = {"hu": "HU clipped to -1000..1000 and scaled to 0..255, as MedM-VL b1b0770 and later",
-            "uint8": "stored uint8 volumes, as MedM-VL 193feb7 (the release era)"}
-_VOLUME = {"m3d": {"intensity": "none"},
-           "medm-clip-ct": {"intensity": "standardize", "standardize": _MEDMCLIP_MEAN_STD, "crop_foreground": True}}
+            "stored": "the stored values as they are, as MedM-VL 193feb7 (the release era)"}
 
 
 def read_settings(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -165,7 +160,7 @@ def encoder_3d(kind: str, config: dict[str, Any], select_layer: Any, select_feat
         raise ImportFormatError(f"{where}: 3D encoder select_layer {select_layer!r} / select_feature "
                                 f"{select_feature!r}; expected an integer layer and patch or cls_patch")
     return {"name": "vit3d", **geometry, **FORMAT_SWITCHES[fmt], "checkpoint_format": fmt,
-            "select_layer": select_layer, "select_feature": select_feature, "volume": dict(_VOLUME[fmt])}
+            "select_layer": select_layer, "select_feature": select_feature, "volume": {}}
 
 
 def check_connector(kind: Any, mlp_type: Any, where: str) -> None:
@@ -227,11 +222,12 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
         image3d_slices: MedM-VL runs volumes through its 2D encoder slice by slice (MedM-VL-CT-Chest, 32 slices):
             the imported model then has that encoder and connector as its 3D tower (`vision3d: slices`), reading
             `<image3d>` volumes of this many slices, and no 2D tower.
-        ct_intensity: with `image3d_slices`, how the checkpoint's MedM-VL version read its CT `.npy` volumes
+        ct_intensity: for volumes, how the checkpoint's MedM-VL version read its CT `.npy` volumes
             (reproduced by `medm.data._medm_vl_ct`): `hu` (b1b0770 and later: HU clipped to -1000..1000 and scaled
-            to 0..255) or `uint8` (193feb7, the release era: stored uint8). Default from the checkpoint's
+            to 0..255) or `stored` (193feb7, the release era: the stored values, uint8 for CT-Chest). The same
+            for the 3D encoders (m3dclip, medmclip), whose processor steps follow. Default from the checkpoint's
             config.json: `hu` for the current format (`lvlm_` keys, introduced by b1b0770 with the clipping),
-            `uint8` for the released models' format.
+            `stored` for the released models' format.
         family, template, system_prompt, dtype: as `medm import llava-hf`; template default `medm-vl`.
 
     Raises:
@@ -245,7 +241,7 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
     raw = read_json(cfg_path)
     s = read_settings(raw, src)
     if ct_intensity is None:
-        ct_intensity = "hu" if any(k.startswith("lvlm_") for k in raw) else "uint8"
+        ct_intensity = "hu" if any(k.startswith("lvlm_") for k in raw) else "stored"
     elif ct_intensity not in MEDM_VL_CT:
         raise ImportFormatError(f"--ct-intensity must be one of {', '.join(MEDM_VL_CT)}, got {ct_intensity!r}")
     if template is not None:
@@ -298,14 +294,14 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
             vision, conn = enc2d, c_section
             rules.append(("encoder_image.encoder.", "vision.model."))
     if enc3d is not None:
-        vision3d = enc3d
+        vision3d = {**enc3d, "medm_vl_ct": ct_intensity}
         conn3d, c_rules = connector(s["connector_image3d_type"], s["connector_image3d_name"], "connector_image3d",
                                     "connector3d", state, src)
         rules += c_rules
         _vit3d_weights(vision3d, state, weights)
         state = {k: v for k, v in state.items() if not k.startswith("encoder_image3d.encoder.")}
-        notes.append(f"Volumes are read as MedM-VL's stored {s['encoder_image3d_type']} inputs "
-                     f"(`vision3d.volume`: {vision3d['volume']}); see docs/migrating.md for raw CT.")
+        notes.append(f"Volumes are read with MedM-VL's own {s['encoder_image3d_type']} steps (`medm_vl_ct: "
+                     f"{ct_intensity}`: {_CT_NOTE[ct_intensity]}); see docs/migrating.md for raw CT.")
     rename(state, rules, src, weights)
     if enc2d is not None:  # transformers 4.x CLIP / SigLIP names (`encoder.vision_model.*`), as MedM-VL saves them
         from medm.registry import VISION

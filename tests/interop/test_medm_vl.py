@@ -301,7 +301,7 @@ def test_ct_chest_reads_volumes_slice_by_slice(imported):
     src, state, out = imported("ct-chest")
     model, tok = load_trained(str(out))
     assert model.vision is None and model.config.vision3d["name"] == "slices"
-    assert model.config.vision3d["num_slices"] == N_SLICES and model.config.vision3d["medm_vl_ct"] == "uint8"
+    assert model.config.vision3d["num_slices"] == N_SLICES and model.config.vision3d["medm_vl_ct"] == "stored"
     assert model.num_image3d_tokens == N_QUERIES
     pred = Predictor(model, tok)
     msgs = [{"role": "user", "content": "<image3d>\n" + QUESTION}]

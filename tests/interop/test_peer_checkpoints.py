@@ -157,24 +157,24 @@ def test_llava_hf_importer_takes_the_transformers_4x_layout(tmp_path):
     torch.testing.assert_close(logits[:, :theirs.shape[1]], theirs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name, default", [("medmvl-ct-slices", "hu"), ("medmvl193-ct-slices", "uint8")])
+@pytest.mark.parametrize("name, default", [("medmvl-ct-slices", "hu"), ("medmvl193-ct-slices", "stored")])
 def test_ct_intensity_follows_the_medm_vl_version(imported, tmp_path, name, default):
     """--ct-intensity defaults from the config format (b1b0770 brought the `lvlm_` keys and the HU clipping); the
-    option overrides it; HU read as uint8 is refused naming the file and the other setting."""
+    option overrides it; HU read as stored uint8 is refused naming the file and the other setting."""
     from medm.data._medm_vl_ct import medm_vl_volume
     from medm.data.volumes import VolumeLoadError
 
     case, out, model, *_ = imported(name)
     assert model.config.vision3d["medm_vl_ct"] == default
     assert load_yaml(str(out / "model.yaml"))["vision3d"]["medm_vl_ct"] == default
-    other = "uint8" if default == "hu" else "hu"
+    other = "stored" if default == "hu" else "hu"
     fmt, options = CASES[name]
     assert main(["import", fmt, str(case / "checkpoint"), str(tmp_path / "o")] + _bases(case) + options
                 + ["--ct-intensity", other]) == 0
     assert json.loads((tmp_path / "o" / "config.json").read_text())["vision3d"]["medm_vl_ct"] == other
     hu = FIXTURES / "medmvl-ct-slices" / "data" / "ct_hu.npy"
     with pytest.raises(VolumeLoadError, match=r"ct_hu\.npy.*span -1024\.\.1399.*medm_vl_ct: hu"):
-        medm_vl_volume(hu, (32, 32, 32), "uint8")
+        medm_vl_volume(hu, (32, 32, 32), "stored")
     png = FIXTURES / "medmvl-2d-siglip" / "data" / "img0.png"
     with pytest.raises(VolumeLoadError, match=r"img0\.png.*read MedM-VL's \.npy volumes"):
         medm_vl_volume(png, (32, 32, 32), "hu")
@@ -207,3 +207,23 @@ def test_medm_train_from_the_imported_model_yaml_keeps_the_peer_logits(imported,
     with torch.no_grad():
         logits = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"]).logits[0]
     torch.testing.assert_close(logits[-len(theirs):, :theirs.shape[1]], theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("commit, steps, volume", [("225fc0f", "hu", "ct_hu.npy"), ("193feb7", "stored", "ct_u8.npy")])
+@pytest.mark.parametrize("route", ["m3d", "medm-clip-ct"])
+def test_3d_encoder_volumes_match_medm_vl_processors(commit, steps, volume, route):
+    """vit3d with `medm_vl_ct` reads a CT .npy as MedM-VL's dataset + the M3D-CLIP / MedM-CLIP-CT Image3DProcessor
+    do at each commit (225fc0f clips HU first; 193feb7 takes the stored values), to float rounding."""
+    from medm.models.vision.vit3d import FORMAT_SWITCHES
+    from medm.registry import VISION
+
+    case = FIXTURES / "medmvl-3d-processors"
+    want = load_file(str(case / "expected.safetensors"))
+    key = f"{commit}/{route}/{volume}"
+    section = {"image_size": [32, 256, 256], "patch_size": [8, 32, 32], "hidden_size": 16, "num_layers": 1,
+               "num_heads": 2, "mlp_dim": 16, **FORMAT_SWITCHES[route], "checkpoint_format": route,
+               "medm_vl_ct": steps}
+    x = VISION.get("vit3d").preprocessor(section)(case / "data" / volume)
+    assert list(x.shape) == want[key + "/shape"].tolist()
+    torch.testing.assert_close(x[..., ::2, ::16, ::16], want[key + "/strided"], atol=1e-5, rtol=0)
+    assert abs(x.double().sum() - want[key + "/sum"][0]) < 1e-6 * x.numel()

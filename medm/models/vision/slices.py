@@ -39,7 +39,7 @@ class SliceEncoder(VisionEncoder):
             default: `encoder.path`.
         volume: volume reading and preprocessing (`medm.data.volumes.VolumeArgs` keys). After it, each slice is
             copied to the 2D encoder's channels (3 for RGB encoders) and normalised with its mean / std.
-        medm_vl_ct: `hu` or `uint8`: read MedM-VL's CT `.npy` volumes with MedM-VL's own steps instead of
+        medm_vl_ct: `hu` or `stored`: read MedM-VL's CT `.npy` volumes with MedM-VL's own steps instead of
             `volume`'s (`medm.data._medm_vl_ct`; set by `medm import medm-vl`); null: `volume`.
 
     Output `(B, N * P + N * h * w, D)`: the P prefix tokens of every slice first (with the 2D encoder's
@@ -51,8 +51,8 @@ class SliceEncoder(VisionEncoder):
                  volume: dict | None = None, medm_vl_ct: str | None = None):
         super().__init__()
         del path, volume  # weights come via load_pretrained; `volume` is read by `preprocessor(cfg)`
-        if medm_vl_ct not in (None, "hu", "uint8"):
-            raise ValueError(f"vision encoder 'slices': medm_vl_ct must be hu, uint8 or null, got {medm_vl_ct!r}")
+        if medm_vl_ct not in (None, "hu", "stored"):
+            raise ValueError(f"vision encoder 'slices': medm_vl_ct must be hu, stored or null, got {medm_vl_ct!r}")
         name, settings = _inner_section(encoder)
         if not isinstance(num_slices, int) or num_slices < 1:
             raise ValueError(f"vision encoder 'slices': num_slices must be a positive int, got {num_slices!r}")
@@ -98,7 +98,7 @@ class SliceEncoder(VisionEncoder):
         if cfg.get("medm_vl_ct"):
             from medm.data._medm_vl_ct import MedMVLVolumePreprocess
 
-            return MedMVLVolumePreprocess(cfg["medm_vl_ct"], *args, **kwargs)
+            return MedMVLVolumePreprocess(cfg["medm_vl_ct"], "slices", *args, **kwargs)
         return VolumePreprocess(*args, **kwargs)
 
     def load_pretrained(self, path: str) -> None:

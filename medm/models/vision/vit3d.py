@@ -198,6 +198,9 @@ class ViT3DEncoder(VisionEncoder):
             with `model.safetensors` / `pytorch_model.bin`. Loaded by the model builder.
         volume: volume reading and preprocessing (`medm.data.volumes.VolumeArgs` keys); the output size is
             `image_size`.
+        medm_vl_ct: `hu` or `stored`: read MedM-VL's CT `.npy` volumes with MedM-VL's own dataset and processor
+            steps for this `checkpoint_format` (`m3d`, `medm-clip-ct`; `medm.data._medm_vl_ct`) instead of
+            `volume`'s; set by `medm import medm-vl`. null: `volume`.
     """
 
     def __init__(self, image_size: int | list[int] = (32, 256, 256), patch_size: int | list[int] = (4, 16, 16),
@@ -206,9 +209,12 @@ class ViT3DEncoder(VisionEncoder):
                  class_token: bool = True, cls_pos_embed: bool = False, patch_order: str = "dhwc",
                  patch_norm: bool = False, final_norm: bool = False, layer_norm_eps: float = 1e-5,
                  select_layer: int = -1, select_feature: str = "patch", checkpoint_format: str = "native",
-                 path: str | None = None, volume: dict | None = None):
+                 path: str | None = None, volume: dict | None = None, medm_vl_ct: str | None = None):
         super().__init__()
         del path, volume  # weights come via load_pretrained; `volume` is read by `preprocessor(cfg)`
+        if medm_vl_ct not in (None, "hu", "stored") or (medm_vl_ct and checkpoint_format == "native"):
+            raise ValueError(f"vit3d: medm_vl_ct must be hu, stored or null, with checkpoint_format m3d or "
+                             f"medm-clip-ct; got {medm_vl_ct!r} with {checkpoint_format!r}")
         check_select_feature(select_feature)
         check_select_layer(select_layer)
         image_size, patch_size = _triple(image_size, "image_size"), _triple(patch_size, "patch_size")
@@ -279,6 +285,11 @@ class ViT3DEncoder(VisionEncoder):
         from medm.data.volumes import VolumePreprocess
 
         cfg = cls.resolve_config(cfg)
+        if cfg.get("medm_vl_ct"):
+            from medm.data._medm_vl_ct import MedMVLVolumePreprocess
+
+            return MedMVLVolumePreprocess(cfg["medm_vl_ct"], cfg["checkpoint_format"], cfg["volume"],
+                                          cfg["image_size"], channels=int(cfg["in_channels"]))
         return VolumePreprocess(cfg["volume"], cfg["image_size"], channels=int(cfg["in_channels"]))
 
     # ---- weights ------------------------------------------------------------------------------------------------
