@@ -227,3 +227,28 @@ def test_3d_encoder_volumes_match_medm_vl_processors(commit, steps, volume, rout
     assert list(x.shape) == want[key + "/shape"].tolist()
     torch.testing.assert_close(x[..., ::2, ::16, ::16], want[key + "/strided"], atol=1e-5, rtol=0)
     assert abs(x.double().sum() - want[key + "/sum"][0]) < 1e-6 * x.numel()
+
+
+def test_a_saved_head_equal_to_the_embeddings_stays_tied(tmp_path):
+    """The other side of the tied-head rule: a saved lm_head that equals the embeddings (one tensor saved twice)
+    imports tied, and both ways of reopening agree."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    case = FIXTURES / "medmvl-2d-siglip"
+    src = tmp_path / "src"
+    shutil.copytree(case / "checkpoint", src)
+    state = load_file(str(src / "model.safetensors"))
+    state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"].clone()
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["import", "medm-vl", str(src), str(out)] + _bases(case)) == 0
+    model, _ = load_trained(str(out))
+    assert model.config.text_config.tie_word_embeddings is True
+    assert model.llm.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    rebuilt, _ = build_model(load_yaml(str(out / "model.yaml")))
+    load_init_weights(rebuilt, str(out))
+    ids = torch.tensor([[5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
