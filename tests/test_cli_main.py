@@ -169,3 +169,12 @@ def test_chat_and_serve_on_a_folder_that_is_not_a_checkpoint_is_one_line(capsys,
     assert main([command, "--model", str(tmp_path / "empty"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: cannot open --model {tmp_path / 'empty'}: ")
+
+
+@pytest.mark.parametrize("how", [["--merge"], ["--to", "llava-hf"]])
+def test_export_of_a_folder_that_is_not_a_checkpoint_is_one_line(capsys, how, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", *how, str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(tmp_path / "empty") in err
+    assert not (tmp_path / "out").exists()

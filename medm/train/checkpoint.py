@@ -58,6 +58,9 @@ def read_meta(ckpt_dir: str) -> dict:
     if not os.path.isfile(path):
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory {ckpt_dir!r} does not exist")
+        if not os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+            raise FileNotFoundError(f"{ckpt_dir!r} is not a checkpoint: it has neither config.json nor {META_FILE}; "
+                                    "give a training run's output_dir, a checkpoint-N or an exported model")
         return {"format": FULL, "base": None, "components": None}
     with open(path) as f:
         meta = json.load(f)

@@ -64,8 +64,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         try:
             out = export_llava_hf(args.src, args.out, base=args.base, eval_metrics=args.eval_metrics)
-        except ExportError as e:
-            print(f"error: cannot export {args.src} to llava-hf: {e}", file=sys.stderr)
+        except (ExportError, OSError, ValueError) as e:  # OSError / ValueError: SRC is not a medm checkpoint
+            print(f"error: cannot export {args.src} to llava-hf: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
         print(f"transformers LLaVA model written to {out}")
         return 0
