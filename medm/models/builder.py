@@ -134,14 +134,23 @@ def _resolve_component(section: dict | None, reg) -> dict | None:
     return {"name": section["name"], **{k: v for k, v in resolved.items() if k != "name"}}
 
 
-def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
+def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
+                ) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
     """A model and tokenizer from a model config; pretrained parts load from their `path`s.
 
     For kind `qwen-vl` the pair is a Qwen-VL model (medm.qwenvl.model) and its processor, which stands where the
     tokenizer does (it saves with the checkpoint and holds the tokenizer as `.tokenizer`).
+
+    Args:
+        quantization_config: given to the pretrained LLM's `from_pretrained` (a QLoRA stage's `BitsAndBytesConfig`,
+            medm.train._qlora); needs `llm.path` (or `qwenvl.path`): random weights are not loaded, so not quantized.
     """
     if isinstance(args, dict):
         args = parse_model_args(args)
+    if quantization_config is not None and (args.qwenvl.path if args.kind == "qwen-vl" else args.llm.path) is None:
+        where = "model.qwenvl.path" if args.kind == "qwen-vl" else "model.llm.path"
+        raise ConfigError(f"stage.llm: qlora quantizes pretrained weights as they load, but {where} is not set (a "
+                          "random-init LLM from its config); use lora, or set the path")
     # A hub model that is not on disk fails here, naming its setting, when it cannot be downloaded.
     if args.kind == "qwen-vl":
         require_available(getattr(args.qwenvl, "path", None), "model.qwenvl.path")
@@ -156,7 +165,7 @@ def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGen
     if args.kind == "qwen-vl":
         from medm.qwenvl.model import build_qwenvl
 
-        return build_qwenvl(args.qwenvl, args.system_prompt)
+        return build_qwenvl(args.qwenvl, args.system_prompt, quantization_config=quantization_config)
     register_auto_classes()
     llm = args.llm
     tokenizer = load_tokenizer(llm)
@@ -177,7 +186,8 @@ def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGen
     )
     model = MedMForConditionalGeneration(config)
     if llm.path is not None:
-        model.llm = load_llm(llm.path, text_config, llm.attn_implementation, llm.trust_remote_code)
+        model.llm = load_llm(llm.path, text_config, llm.attn_implementation, llm.trust_remote_code,
+                             quantization_config)
         config.text_config = model.llm.config
     for slot in ("vision", "vision3d"):
         section = getattr(args, slot)
@@ -186,7 +196,9 @@ def build_model(args: ModelArgs | dict[str, Any]) -> tuple[MedMForConditionalGen
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # New rows start at the mean embedding, so added tokens do not dominate the first steps.
         model.llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    model.to(resolve_dtype(llm.dtype))
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        # (ZeRO-3 partitioned weights take their dtype from the DeepSpeed config instead.)
+        model.to(resolve_dtype(llm.dtype))
     return model, tokenizer
 
 

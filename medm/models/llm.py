@@ -97,9 +97,12 @@ def build_llm(text_config: PretrainedConfig, attn_implementation: str = "sdpa",
 
 
 def load_llm(path: str, text_config: PretrainedConfig, attn_implementation: str = "sdpa",
-             trust_remote_code: bool = False) -> PreTrainedModel:
-    """Pretrained causal LM weights from a local dir or hub id."""
+             trust_remote_code: bool = False, quantization_config=None) -> PreTrainedModel:
+    """Pretrained causal LM weights from a local dir or hub id; `quantization_config` (e.g. a QLoRA stage's
+    `BitsAndBytesConfig`) quantizes them as they load."""
     if trust_remote_code:
         warn_remote_code(path)
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     return AutoModelForCausalLM.from_pretrained(path, config=text_config, trust_remote_code=trust_remote_code,
-                                                attn_implementation=check_attn_implementation(attn_implementation))
+                                                attn_implementation=check_attn_implementation(attn_implementation),
+                                                **extra)

@@ -181,8 +181,13 @@ def _tie_tokens(config: PretrainedConfig, tokenizer) -> None:
     text.bos_token_id = tokenizer.bos_token_id
 
 
-def build_qwenvl(args: QwenVLArgs, system_prompt: str | None = None, where: str = "model.qwenvl"):
-    """(model, processor) from a `qwenvl:` section: pretrained from `path`, or random init from `config`."""
+def build_qwenvl(args: QwenVLArgs, system_prompt: str | None = None, where: str = "model.qwenvl",
+                 quantization_config=None):
+    """(model, processor) from a `qwenvl:` section: pretrained from `path`, or random init from `config`.
+
+    `quantization_config` (a QLoRA stage's `BitsAndBytesConfig`, medm.train._qlora) quantizes the language model as
+    it loads; the vision tower, the merger(s) and the output head stay in full precision (`quantization_skip`).
+    """
     args.check(where)
     dtype = resolve_dtype(args.dtype)
     attn = check_attn_implementation(args.attn_implementation)
@@ -194,8 +199,13 @@ def build_qwenvl(args: QwenVLArgs, system_prompt: str | None = None, where: str 
             raise ConfigError(f"{where}.model_type: {args.model_type!r}, but {args.path} holds a "
                               f"{config.model_type!r} model")
         classes = classes_for(config.model_type, f"{where}.path {args.path}")
+        extra = {}
+        if quantization_config is not None:
+            if quantization_config.llm_int8_skip_modules is None:
+                quantization_config.llm_int8_skip_modules = quantization_skip(classes.model)
+            extra["quantization_config"] = quantization_config
         model = classes.model.from_pretrained(args.path, config=config, dtype=dtype, attn_implementation=attn,
-                                              trust_remote_code=args.trust_remote_code)
+                                              trust_remote_code=args.trust_remote_code, **extra)
         processor = AutoProcessor.from_pretrained(args.processor or args.path,
                                                   trust_remote_code=args.trust_remote_code)
     else:
@@ -217,6 +227,13 @@ def build_qwenvl(args: QwenVLArgs, system_prompt: str | None = None, where: str 
     model.config.medm = {"kind": KIND, "box_format": args.box_format, "system_prompt": system_prompt,
                          "lora_target_modules": args.lora_target_modules, "path": args.path}
     return model, processor
+
+
+def quantization_skip(model_class: type) -> list[str]:
+    """Module paths a 4-bit load leaves in full precision: the stage plan's `vision` and `connector` modules (the
+    tower and its mergers) and the output head."""
+    paths = model_class._stage_paths
+    return [*paths["vision"], *paths["connector"], "lm_head"]
 
 
 def is_qwenvl_checkpoint(path: str) -> bool:

@@ -24,6 +24,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from medm.config import ConfigError
     from medm.data._bad_samples import TooManyBadSamples
     from medm.data.annotations import AnnotationError
+    from medm.train._distributed import finish_process_group
     from medm.train.args import check_data_files, load_train_config
     from medm.train.safety import CheckpointWriteError, NonFiniteLossError
     from medm.train.trainer import run_training
@@ -33,6 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, args.overrides)
         check_data_files(cfg, args.config)
         trainer = run_training(cfg)
+        finish_process_group()
     except (ConfigError, AnnotationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

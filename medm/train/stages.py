@@ -153,37 +153,20 @@ def _linear_names(modules: list[tuple[str, nn.Module]], targets: list[str] | Non
     return names
 
 
-def quantize_4bit(llm: nn.Module, compute_dtype: torch.dtype, head: nn.Module | None = None) -> None:
-    """Replace the LLM's linear layers (not the output head: `head`, default the LLM's own) by bitsandbytes NF4
-    layers on the GPU (QLoRA)."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("stage.llm: qlora quantizes the LLM to 4 bits with bitsandbytes, which needs a CUDA GPU; "
-                           "use lora on the CPU")
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ImportError("stage.llm: qlora needs the bitsandbytes package (pip install -e '.[gpu]')") from None
-    head = head if head is not None else llm.get_output_embeddings()
-    for name, sub in list(llm.named_modules()):
-        if not isinstance(sub, nn.Linear) or sub is head or not name:
-            continue
-        q = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
-                              compute_dtype=compute_dtype, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(sub.weight.data.to(compute_dtype).cpu(), requires_grad=False, quant_type="nf4")
-        if sub.bias is not None:
-            q.bias = nn.Parameter(sub.bias.data.to(compute_dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(llm.get_submodule(parent_name) if parent_name else llm, child, q.cuda())  # .cuda() quantizes
-
-
 def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Set `requires_grad` as the plan says; returns the model to train (a PeftModel when LoRA is used)."""
+    """Set `requires_grad` as the plan says; returns the model to train (a PeftModel when LoRA is used).
+
+    `compute_dtype` is kept for callers; a qlora LLM gets its compute dtype at load time (medm.train._qlora).
+    """
     modes = resolve_plan(model, plan)
     paths = component_paths(model)
     head = model.get_output_embeddings()
     if modes["llm"].kind == "qlora":
-        for path in paths["llm"]:
-            quantize_4bit(model.get_submodule(path), compute_dtype, head)
+        # The LLM was loaded in 4 bits (medm.train._qlora.qlora_load_config at from_pretrained); this freezes it and
+        # keeps the rest in float32 before the adapters go on.
+        from medm.train._qlora import prepare_qlora
+
+        model = prepare_qlora(model)
     model.requires_grad_(False)
     lora_targets: list[str] = []
     to_save: list[str] = []

@@ -22,6 +22,8 @@ from medm.data._bad_samples import bad_sample_count
 from medm.data.dataset import DataArgs
 from medm.interop.model_card import ModelCardCallback
 from medm.models import build_model, save_model
+from medm.train._distributed import prepare_zero3_loading, whole_weights
+from medm.train._qlora import qlora_load_config
 from medm.train.args import TrainArgs, TrainConfig
 from medm.train.checkpoint import (
     BASE_DIR,
@@ -434,15 +436,23 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         _single_process_env()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     out = train.output_dir
-    # Seed before building: a randomly initialised part (tiny LLM, new embedding rows) is the same on every rank
-    # and in a resumed run.
-    set_seed(train.seed)
     if cfg.model.llm.attn_implementation == "flash_attention_2" and cfg.model.llm.dtype == "float32" and not (
             train.bf16 or train.fp16):
         raise ConfigError("model.llm.attn_implementation: flash_attention_2 runs in half precision only; set "
                           "train.bf16=true (or fp16), or use sdpa")
-    model, tokenizer = build_model(cfg.model)
-    init_meta = load_init_weights(model, cfg.stage.init_from) if cfg.stage.init_from else None
+    compute_dtype = torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else torch.float32
+    # QLoRA: the LLM is quantized as it loads (BitsAndBytesConfig at from_pretrained; CUDA + bitsandbytes).
+    quantization = qlora_load_config(compute_dtype) if str(cfg.stage.llm).strip() == "qlora" else None
+    # The arguments before the model: with a ZeRO-3 config they register transformers' HfDeepSpeedConfig, and the
+    # LLM is then built and loaded partitioned across the ranks (medm.train._distributed).
+    args = training_arguments(train, device)
+    prepare_zero3_loading(args)
+    # Seed before building: a randomly initialised part (tiny LLM, new embedding rows) is the same on every rank
+    # and in a resumed run.
+    set_seed(train.seed)
+    model, tokenizer = build_model(cfg.model, quantization_config=quantization)
+    with whole_weights(model):
+        init_meta = load_init_weights(model, cfg.stage.init_from) if cfg.stage.init_from else None
     modes = resolve_plan(model, cfg.stage)
     fmt = checkpoint_format(modes)
     base = None
@@ -452,16 +462,17 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
             base = os.path.abspath(cfg.stage.init_from)
         else:
             base = os.path.abspath(os.path.join(out, BASE_DIR))
-            if rank0 and not (resume and os.path.isdir(base)):
-                save_model(model, tokenizer, base)
-    compute_dtype = torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else torch.float32
+            with whole_weights(model):
+                if rank0 and not (resume and os.path.isdir(base)):
+                    save_model(model, tokenizer, base)
     train_model = apply_plan(model, cfg.stage, compute_dtype)
     logger.info("stage %s: %s", {k: v.kind + (f":{v.blocks}" if v.blocks else "") for k, v in modes.items()},
                 describe(train_model))
     if dataset is None:
         dataset, collator, sampler = build_training_inputs(cfg, model, tokenizer)
     encoder_trains = any(modes[e].kind in ("full", "partial") for e in ENCODERS if e in modes)
-    args = training_arguments(train, device, find_unused_parameters=True if encoder_trains else None)
+    # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them.
+    args.ddp_find_unused_parameters = True if encoder_trains else None
     # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.interop.model_card).
     cbs = [MetricsJsonl(out, fresh=not resume), NoGradCheck(), ModelCardCallback(cfg), *(callbacks or [])]
     if "tensorboard" in train.report_to:

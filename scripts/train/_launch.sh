@@ -11,8 +11,9 @@
 #   GPUS          processes per node (default 1)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (defaults 1, 0, 127.0.0.1, 29500)
 #   PYTHON        interpreter with medm installed (default: python)
-#   TINY=1        CPU smoke run: tiny offline model, a few steps, no DeepSpeed; writes tiny synthetic phantom
-#                 data to OUTPUT_DIR/data unless DATA is given
+#   TINY=1        CPU smoke run: tiny offline model, a few steps, GPUS processes over gloo (either launcher), no
+#                 ZeRO config unless DEEPSPEED is given; writes tiny synthetic phantom data to OUTPUT_DIR/data unless
+#                 DATA is given
 # Extra arguments are passed on as a.b=c overrides.
 set -euo pipefail
 # Paths you pass are relative to where you run the script; the stage YAMLs' own paths are relative to the repo root.
@@ -34,8 +35,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/$STAGE}
 ARGS=("train.output_dir=$OUTPUT_DIR")
 if [ "${TINY:-0}" = 1 ]; then
   MODEL_CONFIG=${MODEL_CONFIG:-configs/model/tiny.yaml}
-  DEEPSPEED=""
-  GPUS=1
+  # No ZeRO config unless DEEPSPEED is given; GPUS processes (default 1) on the CPU.
+  DEEPSPEED=${DEEPSPEED-}
   NNODES=1
   if [ -z "${DATA:-}" ]; then
     # Tiny synthetic phantom VQA (32 px images) from the library's builder.

@@ -113,9 +113,8 @@ def test_plans_that_do_not_fit_the_model():
         apply_plan(model, StagePlan(vision="partial:3"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
-def test_qlora_needs_cuda():
-    with pytest.raises(RuntimeError, match="qlora .* needs a CUDA GPU"):
+def test_qlora_needs_a_model_loaded_in_4_bits():
+    with pytest.raises(ConfigError, match="qlora needs the LLM loaded in 4 bits"):
         apply_plan(_model(), StagePlan(llm="qlora"))
 
 

@@ -20,17 +20,23 @@ def main() -> None:
     # inference all-reduce uses that kernel, so these training runs skip the build.
     ds_torch.build_shm_op = lambda: None
     from train_helpers import make_cfg
-    from transformers import set_seed
+    from transformers import TrainerCallback
 
-    from medm.models import build_model
+    from medm.train._distributed import whole_weights
     from medm.train.trainer import run_training
 
     out = Path(spec["out"])
     cfg = make_cfg(out, Path(spec["data"]), spec.get("stage"), **spec.get("train", {}))
-    # The starting weights, rebuilt as run_training builds them (ZeRO-3 has partitioned them by on_train_begin).
-    set_seed(cfg.train.seed)
-    start = build_model(cfg.model)[0].state_dict()
-    trainer = run_training(cfg)
+    start = {}
+
+    class RecordStart(TrainerCallback):
+        """The starting weights, whole (ZeRO-3 built them partitioned)."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            with whole_weights(model):
+                start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    trainer = run_training(cfg, callbacks=[RecordStart()])
     rank = int(os.environ.get("RANK", "0"))
     ds = trainer.deepspeed if trainer.is_deepspeed_enabled else None
     torch.save({
