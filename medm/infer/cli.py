@@ -37,8 +37,8 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def open_predictor(args: argparse.Namespace, image_dir: str | None = None):
-    """`--model` (over `--base` when given) as a `Predictor` on `--device` with `--dtype`, `--template` and
-    `--system-prompt`: how `medm infer`, `medm chat` and `medm serve` open a model."""
+    """`--model` (over `--base` when given) as a `Predictor` on `--device` with `--dtype`, `--template`,
+    `--system-prompt` and `--trust-remote-code`: how `medm infer`, `medm chat` and `medm serve` open a model."""
     import torch
 
     from medm.infer.generate import Predictor
@@ -47,7 +47,8 @@ def open_predictor(args: argparse.Namespace, image_dir: str | None = None):
     device = args.device
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processing = load_trained(args.model, dtype=args.dtype, device=device, base=args.base)
+    model, processing = load_trained(args.model, dtype=args.dtype, device=device, base=args.base,
+                                     trust_remote_code=getattr(args, "trust_remote_code", False))
     return Predictor(model, processing, template=args.template, system_prompt=args.system_prompt,
                      image_dir=image_dir)
 

@@ -20,6 +20,9 @@ def _model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                                                 "when it is no longer where its medm_checkpoint.json says")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:1, cpu")
     p.add_argument("--dtype", default=None, help="bfloat16, float16, float32; default: the checkpoint's")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python files the checkpoint ships "
+                                                                    "(auto_map); off by default: only for "
+                                                                    "checkpoints you trust")
     p.add_argument("--template", default=None, help="registered chat template; default: the model's")
     p.add_argument("--system-prompt", default=None, help="system prompt; default: the model's")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
