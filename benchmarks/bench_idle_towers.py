@@ -7,7 +7,7 @@ modality-synchronised sampler would save.
   LLM trained) on a text-only batch: with the idle tower (a blank image through encoder + connector, times 0) and
   without it (what the code did before, and what a sampler that keeps every rank on one modality per step buys);
   `overhead` is their ratio minus 1. An image batch of the same size gives the scale.
-- `idle_steps`: with 8 ranks of per-device batch 16, on LLaVA-665K's mix (about 6% text-only records) and on a
+- `idle_steps`: with 8 ranks of per-device batch 4 or 16, on LLaVA-665K's mix (about 6% text-only records) and on a
   2D + 3D + text mix (40% / 20% / 40%, the 3D tower), for random sampling and medm's default modality-grouped
   sampler: the share of rank batches that run the blank (they pay the overhead) and the share of steps that mix
   ranks with and without that modality (the steps that crashed before; a synchronised sampler must avoid them).
@@ -78,15 +78,22 @@ class IdleTowers(Bench):
                 opt.zero_grad(set_to_none=True)
             return run
 
-        repeat = 2 if args.quick else args.repeat
-        with_idle = timed(step(text), args.device, repeat)
         real = modeling.idle_tower_zero
-        modeling.idle_tower_zero = lambda encoder, connector, blank: blank.new_zeros(())
-        try:
-            without = timed(step(text), args.device, repeat)
-        finally:
-            modeling.idle_tower_zero = real
-        image_batch = timed(step(with_image, pixels), args.device, repeat)
+
+        def skip(encoder, connector, blank):
+            return blank.new_zeros(())
+
+        # Interleaved, so that load from other work on the machine falls on both settings alike.
+        times: dict[str, list[float]] = {"with": [], "without": [], "image": []}
+        for _ in range(2 if args.quick else args.repeat):
+            times["with"].append(timed(step(text), args.device, 1))
+            modeling.idle_tower_zero = skip
+            try:
+                times["without"].append(timed(step(text), args.device, 1))
+            finally:
+                modeling.idle_tower_zero = real
+            times["image"].append(timed(step(with_image, pixels), args.device, 1))
+        with_idle, without, image_batch = (float(np.median(times[k])) for k in ("with", "without", "image"))
 
         rng = np.random.default_rng(0)
         n = 20_000 if args.quick else 665_000
@@ -95,8 +102,9 @@ class IdleTowers(Bench):
         shares = {}
         for label, mods, needs in (("llava665k_image", llava, "image"), ("2d_3d_text_volume", mixed, "image3d")):
             for grouped in (False, True):
-                key = f"{label}_{'grouped' if grouped else 'random'}"
-                shares[key] = _idle_share(mods, 16, 8, grouped, needs)
+                for per_device in (4, 16):
+                    key = f"{label}_{'grouped' if grouped else 'random'}_batch{per_device}"
+                    shares[key] = _idle_share(mods, per_device, 8, grouped, needs)
         return {"size": size, "batch_size": b, "seq_len": t,
                 "step_s": {"text_with_idle_tower": round(with_idle, 4), "text_without": round(without, 4),
                            "image_batch": round(image_batch, 4)},
