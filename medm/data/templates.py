@@ -130,11 +130,53 @@ TINYLLAVA = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
+# Original LLaVA (haotian-liu/LLaVA llava/conversation.py, also LLaVA-Med's): conv_llava_v1 and conv_vicuna_v1
+# (SeparatorStyle.TWO; they differ in the default system text only) and conv_mistral_instruct (SeparatorStyle.LLAMA_2
+# with no system text). The end of an answer is the literal "</s>" LLaVA writes, whatever the tokenizer's EOS.
+# LLaVA-Med's copy of the TWO style writes "</s> " (a space) between turns; single-question prompts are equal.
+_LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the human's questions.")
+
+
+def _llava_two(system: str) -> str:
+    return (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set system = '" + system.replace("'", "\\'") + "' -%}"
+        "{%- set loop_messages = messages -%}{%- endif -%}"
+        "{{ system + ' ' }}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] + '</s>' }}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+# "[INST] q [/INST] a </s>[INST] q2 [/INST]"; a system text goes in front of the first question in <<SYS>> tags.
+MISTRAL_INSTRUCT = (
+    "{%- if messages[0]['role'] == 'system' and messages[0]['content'] -%}"
+    "{%- set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}"
+    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
+    "{%- set ns = namespace(first=true) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '[INST] ' + (system if ns.first else '') + message['content'] + ' [/INST]' }}{%- set ns.first = false -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + ' </s>' }}"
+    "{%- endif -%}{%- endfor -%}"
+)
+
 TEMPLATE.register("phi2")(ChatTemplate(PHI2, "Phi-2 QA format: 'Instruct: q\\nOutput: a<eos>'"))
 TEMPLATE.register("medm-vl")(ChatTemplate(MEDM_VL, "MedM-VL: '{system} USER: q ASSISTANT: a<eos>USER: ...'"))
 TEMPLATE.register("tinyllava")(ChatTemplate(TINYLLAVA, "TinyLLaVA_Factory: '{system} USER: <image>\\nq ASSISTANT: "
                                                        "a<eos>USER: ...' (image moved to the front)"))
 TEMPLATE.register("vicuna")(ChatTemplate(VICUNA, "LLaVA v1 / Vicuna: '{system} USER: q ASSISTANT: a</s>'"))
+TEMPLATE.register("llava_v1")(ChatTemplate(_llava_two(_LLAVA_V1_SYSTEM), "LLaVA conv llava_v1: '{system} USER: q "
+                                                                       "ASSISTANT: a</s>USER: ...'"))
+TEMPLATE.register("vicuna_v1")(ChatTemplate(_llava_two(_LLAVA_SYSTEM), "LLaVA conv vicuna_v1: as llava_v1, Vicuna's "
+                                                                       "system text"))
+TEMPLATE.register("mistral_instruct")(ChatTemplate(MISTRAL_INSTRUCT, "LLaVA / LLaVA-Med conv mistral_instruct: "
+                                                                     "'[INST] q [/INST] a </s>[INST] ...'"))
 TEMPLATE.register("pretrain")(ChatTemplate(PRETRAIN, "caption pretraining: '<image>caption<eos>', human text dropped"))
 
 

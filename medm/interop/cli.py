@@ -3,6 +3,7 @@
     medm import llava-hf /models/llava-interleave-qwen-0.5b-hf runs/imported
     medm import medm-vl /models/MedM-VL-CT-Chest-3B-en runs/ct-chest --image3d-slices 32
     medm import tinyllava /models/TinyLLaVA-Qwen2-0.5B-CLIP runs/tinyllava
+    medm import llava /models/llava-med-v1.5-mistral-7b runs/llava-med --encoder-path /models/clip-vit-large-patch14-336
     medm train configs/train/finetune_lora.yaml model=runs/imported/model.yaml stage.init_from=runs/imported
 
 (`medm export --to llava-hf` is the other direction; it lives with `medm export` in medm.train.cli.)
@@ -14,9 +15,9 @@ import argparse
 import logging
 import sys
 
-FORMATS = ("llava-hf", "medm-vl", "tinyllava")
+FORMATS = ("llava-hf", "medm-vl", "tinyllava", "llava")
 # Options that only some source formats read.
-_SOURCE_OPTIONS = {"llm_path": ("medm-vl", "tinyllava"), "encoder_path": ("medm-vl", "tinyllava"),
+_SOURCE_OPTIONS = {"llm_path": ("medm-vl", "tinyllava", "llava"), "encoder_path": ("medm-vl", "tinyllava", "llava"),
                    "encoder3d_path": ("medm-vl",), "image3d_slices": ("medm-vl",),
                    "ct_intensity": ("medm-vl",)}
 
@@ -37,6 +38,10 @@ def _run_import(args: argparse.Namespace) -> str:
         from medm.interop.tinyllava import import_tinyllava
 
         return import_tinyllava(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path, **common)
+    if args.format == "llava":
+        from medm.interop.llava import import_llava
+
+        return import_llava(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path, **common)
     from medm.interop.llava_hf import import_llava_hf
 
     return import_llava_hf(args.src, args.out, **common)
@@ -62,7 +67,9 @@ def add_parsers(subparsers) -> None:
                     "(config, weights, tokenizer, model.yaml, README.md) for `stage.init_from`, `medm infer` or "
                     "`medm export`. llava-hf: a transformers LlavaForConditionalGeneration directory; medm-vl: a "
                     "MedM-VL (LVLMForConditionalGeneration) directory; tinyllava: a TinyLLaVA_Factory directory "
-                    "(finetune layout, or the pretrain layout's language_model/ vision_tower/ connector/ folders).")
+                    "(finetune layout, or the pretrain layout's language_model/ vision_tower/ connector/ folders); "
+                    "llava: an original LLaVA / LLaVA-Med directory (LlavaLlamaForCausalLM / "
+                    "LlavaMistralForCausalLM; merged, or projector-only mm_projector.bin with --llm-path).")
     p.add_argument("format", choices=FORMATS, help="the source format")
     p.add_argument("src", help="source checkpoint directory")
     p.add_argument("out", help="output directory")
@@ -73,11 +80,13 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--system-prompt", default=None, help="default system prompt; default: the one a medm export "
                                                          "recorded, else none")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: as stored")
-    p.add_argument("--llm-path", default=None, help="medm-vl, tinyllava: base LLM directory (or hub id) for the "
+    p.add_argument("--llm-path", default=None, help="medm-vl, tinyllava, llava: base LLM directory (or hub id) for the "
                                                     "config and tokenizer the checkpoint does not carry")
-    p.add_argument("--encoder-path", default=None, help="medm-vl, tinyllava: base vision encoder directory (or hub "
-                                                        "id) for its config and image processor "
-                                                        "(preprocessor_config.json)")
+    p.add_argument("--encoder-path", default=None, help="medm-vl, tinyllava, llava: base vision encoder directory (or "
+                                                        "hub id) for its config and image processor "
+                                                        "(preprocessor_config.json); llava: a local copy of the CLIP "
+                                                        "tower mm_vision_tower names, also its weights when the "
+                                                        "checkpoint has none")
     p.add_argument("--encoder3d-path", default=None, help="medm-vl: base 3D encoder directory (M3D-CLIP, "
                                                           "MedM-CLIP-CT) for its config")
     p.add_argument("--image3d-slices", type=int, default=None, help="medm-vl: the checkpoint's 2D encoder reads "
