@@ -92,6 +92,10 @@ def test_upload_ask_and_see_the_answer_in_chromium(page_server, phantom_records,
         wait.until(lambda d: answers(d) and answers(d)[-1])
         assert question in driver.find_element(By.ID, "medm-chat").text
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#medm-chat .user-row img"))  # the picture it saw
+        # Let the answer finish streaming: each streamed step also empties the question box, so an example clicked
+        # before the end would be wiped by the next step (on a busy machine the stream takes seconds).
+        seen = []
+        wait.until(lambda d: seen.append(answers(d)[-1]) or (len(seen) > 4 and len(set(seen[-4:])) == 1))
 
         # An example case is one click away: it fills the upload and the question.
         rows = driver.find_elements(By.CSS_SELECTOR, "#medm-examples tr.tr-body")
