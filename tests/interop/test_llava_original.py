@@ -18,6 +18,7 @@ from medm.cli import main
 from medm.config import load_yaml
 from medm.infer.generate import Predictor
 from medm.models import build_model
+from medm.registry import TEMPLATE
 from medm.train.checkpoint import load_init_weights, load_trained
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -36,18 +37,20 @@ def _options(case: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+    """(case, out, model, tokenizer, rebuilt model, its tokenizer) of `medm import llava` (with `--template`)."""
     done = {}
 
-    def get(name):
-        if name not in done:
+    def get(name, template=None):
+        if (name, template) not in done:
             case = FIXTURES / name
             out = tmp_path_factory.mktemp(name) / "imported"
-            assert main(["import", "llava", str(case / "checkpoint"), str(out)] + _options(case)) == 0
+            extra = ["--template", template] if template else []
+            assert main(["import", "llava", str(case / "checkpoint"), str(out)] + _options(case) + extra) == 0
             model, tok = load_trained(str(out))
             rebuilt, tok2 = build_model(load_yaml(str(out / "model.yaml")))
             load_init_weights(rebuilt, str(out))
-            done[name] = (case, out, model.eval(), tok, rebuilt.eval(), tok2)
-        return done[name]
+            done[name, template] = (case, out, model.eval(), tok, rebuilt.eval(), tok2)
+        return done[name, template]
 
     return get
 
@@ -59,14 +62,18 @@ def _collapse(ids, image_id):
 
 @pytest.mark.parametrize("name", PRESENT)
 def test_llava_prompts_ids_pixels_and_logits(imported, name):
-    case, out, model, tok, rebuilt, _ = imported(name)
-    expected = json.loads((case / "expected.json").read_text())
-    tensors = load_file(str(case / "expected.safetensors"))
-    image = Image.open(case / "data" / expected["image"])
+    expected = json.loads((FIXTURES / name / "expected.json").read_text())
+    tensors = load_file(str(FIXTURES / name / "expected.safetensors"))
+    image = Image.open(FIXTURES / name / "data" / expected["image"])
     for rec in expected["records"]:
-        pred = Predictor(model, tok, template=rec["template"])
+        # The checkpoint's own template (a tokenizer that writes <s> gets it in its chat template, behind the BOS).
+        case, out, model, tok, rebuilt, _ = imported(name, rec["template"])
+        pred = Predictor(model, tok)
         fmt = pred.format
         rendered = fmt.render(rec["messages"], add_generation_prompt=True)
+        if tok.bos_token_id is not None:  # LLaVA's tokenizer puts <s> in front of its prompt string; medm's template
+            assert rendered.startswith(tok.bos_token), rec["key"]
+            rendered = rendered[len(tok.bos_token):]
         if expected["peer"].startswith("LLaVA-Med") and rec["kind"] == "chat" and rec["template"] != "mistral_instruct":
             # LLaVA-Med's copy of the TWO style writes "</s> " between turns (LLaVA's, which trained them: "</s>").
             assert rendered.replace("</s>", "</s> ") == rec["prompt"], rec["key"]
@@ -115,9 +122,13 @@ def test_llava_import_defaults_and_model_yaml(imported):
                                                     -2)):
         if name not in PRESENT:
             continue
-        _, out, model, *_ = imported(name)
+        _, out, model, tok, *_ = imported(name)
         yaml_cfg = load_yaml(str(out / "model.yaml"))
-        assert model.config.template == yaml_cfg["template"] == template
+        if tok.bos_token_id is None:
+            assert model.config.template == yaml_cfg["template"] == template
+        else:  # a SentencePiece Llama / Mistral tokenizer writes <s>: the template sits in its chat template
+            assert model.config.template is yaml_cfg["template"] is None
+            assert tok.chat_template == "{{- bos_token -}}" + TEMPLATE.get(template).jinja
         assert yaml_cfg["vision"]["resize"] == resize
         assert (yaml_cfg["vision"]["select_feature"], yaml_cfg["vision"]["select_layer"]) == (feature, layer)
         assert yaml_cfg["llm"]["config"]["model_type"] == ("mistral" if "mistral" in name else "llama")
