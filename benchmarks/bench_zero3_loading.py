@@ -13,7 +13,8 @@ The LLM is a random Qwen2 of about 200M parameters (default: hidden 1024, 12 lay
 safetensors; the encoder is the tiny CLIP. Figures per rank: `peak_rss_mb` (ru_maxrss after building: every resident
 page, the memory-mapped checkpoint included, which the ranks of a machine share in the page cache),
 `peak_anon_mb` (the rank's own memory, RssAnon sampled every 5 ms while building), their values before building
-(`base_*`), and the parameters the rank holds (`local_params_m`).
+(`base_*`), and the parameters the rank holds (`local_params_m`). Each rank reads every weight it holds once after
+building (as its first training step would), so memory-mapped weights count as resident.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ if mode == "partitioned":
     args = training_arguments(TrainArgs(output_dir=out, deepspeed=ds_config, report_to=[], device="cpu"), "cpu")
     prepare_zero3_loading(args)
 model, _ = build_model(cfg)
+# Read every weight the rank holds once, as training will: memory-mapped checkpoint pages become resident here.
+held = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in model.parameters()]
+checksum = sum(float(t.float().sum()) for t in held)
 done.set()
 peak_anon[0] = max(peak_anon[0], anon_mb())
 local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())

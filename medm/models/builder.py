@@ -184,11 +184,10 @@ def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image3d_token_id=tokenizer.convert_tokens_to_ids(IMAGE3D_TOKEN),
     )
-    model = MedMForConditionalGeneration(config)
-    if llm.path is not None:
-        model.llm = load_llm(llm.path, text_config, llm.attn_implementation, llm.trust_remote_code,
-                             quantization_config)
-        config.text_config = model.llm.config
+    # A pretrained LLM loads first and goes into the model as it is: no random LLM of its size is built before.
+    pretrained = None if llm.path is None else load_llm(llm.path, text_config, llm.attn_implementation,
+                                                        llm.trust_remote_code, quantization_config)
+    model = MedMForConditionalGeneration(config, llm=pretrained)
     for slot in ("vision", "vision3d"):
         section = getattr(args, slot)
         if section and section.get("path"):

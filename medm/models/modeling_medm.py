@@ -100,10 +100,13 @@ class MedMForConditionalGeneration(MedMPreTrainedModel, GenerationMixin):
     image of the batch in reading order, `pixel_values_3d` every volume.
     """
 
-    def __init__(self, config: MedMConfig):
+    def __init__(self, config: MedMConfig, llm: PreTrainedModel | None = None):
+        """`llm`: an LLM already loaded (medm.models.builder passes the pretrained one, so a random one of the same
+        size is never built first); None: built from `config.text_config` with random weights."""
         super().__init__(config)
         attn = config.llm.get("attn_implementation", "sdpa")
-        self.llm = build_llm(config.text_config, attn, bool(config.llm.get("trust_remote_code")))
+        self.llm = llm if llm is not None else build_llm(config.text_config, attn,
+                                                          bool(config.llm.get("trust_remote_code")))
         # One config object for the LLM, so resizing embeddings updates what `save_pretrained` writes.
         config.text_config = self.llm.config
         hidden = config.text_config.hidden_size
