@@ -195,3 +195,36 @@ def test_unsupported_llava_settings_are_refused_plainly(tmp_path, key, value, ma
     with pytest.raises(ImportFormatError, match=match):
         import_llava(str(src), str(tmp_path / "o"), encoder_path=str(case / "bases" / "clip"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif("llavamed-mistral-square" not in PRESENT, reason="fixture not generated")
+def test_llava_med_evaluation_path_end_to_end(imported, tmp_path):
+    """LLaVA-Med's VQA evaluation on an imported LLaVA-Med (LlavaMistralForCausalLM) checkpoint: `medm infer` with
+    the import's default template (mistral_instruct, the conv mode LLaVA-Med's README runs model_vqa.py with) and
+    the question as model_vqa.py builds it ("<image>\\n" + the question, no suffix; a record without a placeholder
+    gets it in front) answers token for token as LLaVA-Med's own greedy model_vqa generation did; `medm eval
+    --protocol llava-med` then scores those answers with LLaVA-Med's rules (closed: the answer a substring of the
+    prediction; open: the share of answer words found)."""
+    case, out, *_ = imported("llavamed-mistral-square")
+    expected = json.loads((case / "expected.json").read_text())
+    theirs = [r for r in expected["records"] if r["template"] == "mistral_instruct" and r["kind"] == "vqa"]
+    assert [r["messages"][0]["content"] for r in theirs] == ["<image>\nWhat is shown in this image?",
+                                                              "<image>\nIs there an effusion on the left?"]
+    rows = [{"id": "q0", "image": expected["image"], "answer": "yes",
+             "conversations": [{"from": "human", "value": "What is shown in this image?"}]},
+            {"id": "q1", "image": expected["image"], "answer": theirs[1]["answer"], "answer_type": "OPEN",
+             "conversations": [{"from": "human", "value": "<image>\nIs there an effusion on the left?"}]}]
+    questions, preds = tmp_path / "questions.jsonl", tmp_path / "preds.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["infer", "--model", str(out), "--data", str(questions), "--image-dir", str(case / "data"),
+                 "--out", str(preds), "--max-new-tokens", str(len(theirs[0]["generated_ids"])), "--device", "cpu",
+                 "--no-progress"]) == 0
+    got = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [g["prediction"] for g in got] == [r["answer"] for r in theirs]
+    assert theirs[0]["answer"] and "yes" not in theirs[0]["answer"]
+    assert main(["eval", "--task", "vqa", "--pred", str(preds), "--protocol", "llava-med", "--bootstrap", "0",
+                 "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["protocol"] == "llava-med"
+    assert (metrics["n_closed"], metrics["n_open"]) == (1, 1)
+    assert (metrics["closed_accuracy"], metrics["open_recall"]) == (0.0, 100.0)
