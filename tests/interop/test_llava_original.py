@@ -228,3 +228,34 @@ def test_llava_med_evaluation_path_end_to_end(imported, tmp_path):
     assert metrics["protocol"] == "llava-med"
     assert (metrics["n_closed"], metrics["n_open"]) == (1, 1)
     assert (metrics["closed_accuracy"], metrics["open_recall"]) == (0.0, 100.0)
+
+
+@pytest.mark.skipif("llava-llama-pad" not in PRESENT, reason="fixture not generated")
+def test_a_336px_clip_tower_from_encoder_path_in_todays_layout(tmp_path):
+    """A CLIP tower at 336 px, patch 14 (CLIP-ViT-L/14-336's grid: 576 image tokens), saved by today's transformers
+    (no `vision_model.` level) and given by --encoder-path to a checkpoint without tower weights: the medm tower holds
+    exactly its weights and the prompt expands to 576 image tokens."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    case = FIXTURES / "llava-llama-pad"
+    src = _copy(case, tmp_path)
+    state = load_file(str(src / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if ".vision_tower." not in k}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    clip = tmp_path / "clip336"
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=336, patch_size=14))
+    tower.save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(clip)
+    out = tmp_path / "out"
+    assert main(["import", "llava", str(src), str(out), "--encoder-path", str(clip)]) == 0
+    model, tok = load_trained(str(out))
+    assert model.config.vision["config"]["image_size"] == 336
+    mine = {k.removeprefix("vision.model."): v for k, v in model.state_dict().items() if k.startswith("vision.model.")}
+    theirs = {k: v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    ids = Predictor(model.eval(), tok).encode([{"role": "user", "content": "<image>\nWhat is shown?"}])
+    assert ids.count(model.config.image_token_id) == 576
