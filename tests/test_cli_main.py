@@ -31,6 +31,16 @@ def test_every_command_is_listed_in_the_top_level_help(capsys):
     assert "MEDM_DEBUG=1 or --debug" in text
 
 
+def test_eval_help_names_every_registered_task(capsys):
+    from medm.registry import TASK
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    missing = [name for name in TASK.names() if f" {name}," not in flat and f" {name})" not in flat]
+    assert not missing, f"medm eval --help does not name the tasks {missing}"
+
+
 def test_train_help_lists_each_sections_keys_and_the_reference(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])

@@ -4,6 +4,7 @@ requirements and the package."""
 
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,6 @@ from medm.config import arg
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md"))
-RUNNABLE = re.compile(r"<!-- runnable -->\n```(?:bash|sh)\n(.*?)```", re.S)
 EXAMPLE = re.compile(r"<!-- example: ([\w-]+) -->\n```\w*\n(.*?)```", re.S)
 
 
@@ -75,32 +75,145 @@ def test_docstring_args_reads_google_style_sections():
                                      "c": "own text."}
 
 
-def _runnable_blocks():
-    for path in [REPO / "README.md", *DOCS]:
-        text = path.read_text()
-        for m in RUNNABLE.finditer(text):
-            line = text[:m.start()].count("\n") + 2
-            yield pytest.param(m.group(1), id=f"{path.name}:{line}")
+# ---- shell blocks: run by the test, or marked with what they need ------------------------------------------------
+# Every fenced block names its language. A shell block (bash / sh / shell / console) has a marker comment on the line
+# before its opening fence:
+#   <!-- runnable -->                         runs as written (the page's runnable blocks in order, one fresh folder)
+#   <!-- runnable: "OLD" -> "NEW", ... -->    runs with these stated substitutions (each OLD must be in the block)
+#   <!-- runnable after `SETUP` -->           runs after the setup command (e.g. one that writes the example files)
+#   <!-- synopsis -->                         placeholders (NAME, DIR, [--option]): `medm SUBCOMMAND --help` runs
+#   <!-- needs KIND[, KIND]: reason -->       not run here; KIND is one of NEEDS
+SHELL_LANGS = ("bash", "sh", "shell", "console")
+NEEDS = {"weights": "a trained model or pretrained hub weights", "data": "a dataset release that is not shipped",
+         "gpu": "one or more GPUs", "network": "downloads (PyPI, git, docker) or other machines",
+         "server": "a server that runs until stopped", "minutes": "minutes of CPU time"}
+MARKER = re.compile(r"^\s*<!--\s*(.*?)\s*-->\s*$")
+SUBSTITUTION = re.compile(r'"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"')
 
 
-def test_some_examples_are_marked_runnable():
-    assert len(list(_runnable_blocks())) >= 2
+@dataclasses.dataclass
+class Block:
+    page: str
+    line: int
+    lang: str
+    text: str
+    marker: str | None
+
+    @property
+    def id(self) -> str:
+        return f"{self.page}:{self.line}"
 
 
-@pytest.mark.parametrize("script", list(_runnable_blocks()))
-def test_runnable_doc_examples_run(script, tmp_path):
-    """Each block marked `<!-- runnable -->` runs as written (bash, fail on the first error) in a fresh directory."""
+def _fenced_blocks(path: Path) -> list[Block]:
+    """Every fenced code block of a Markdown file, dedented by its fence's indent, with the marker comment above."""
+    lines = path.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)```(.*)$", lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, lang = len(m.group(1)), m.group(2).strip()
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+        marker = MARKER.match(lines[i - 1]) if i else None
+        blocks.append(Block(path.name, i + 1, lang, "\n".join(line[indent:] for line in lines[i + 1:end]) + "\n",
+                            marker.group(1) if marker else None))
+        i = end + 1
+    return blocks
+
+
+def _doc_blocks() -> list[Block]:
+    return [b for path in [REPO / "README.md", *DOCS] for b in _fenced_blocks(path)]
+
+
+def _shell_blocks() -> list[Block]:
+    return [b for b in _doc_blocks() if b.lang in SHELL_LANGS]
+
+
+def _marker_problem(block: Block) -> str | None:
+    """Why a shell block's marker is missing or malformed; None when it is fine."""
+    marker = block.marker
+    if marker is None:
+        return "no marker: make the test run it (<!-- runnable -->) or say what it needs (<!-- needs KIND: why -->)"
+    if marker == "synopsis":
+        return None
+    if marker.startswith("runnable"):
+        rest = marker[len("runnable"):]
+        for old, _ in SUBSTITUTION.findall(rest):
+            if old not in block.text:
+                return f"substitution {old!r} does not occur in the block"
+        rest = re.sub(r"^\s*after\s+`[^`]+`", "", SUBSTITUTION.sub("", rest.lstrip(": ")))
+        return None if not rest.strip(" ,:") else f"cannot read {marker!r}"
+    m = re.fullmatch(r"needs ([\w, ]+):\s*(\S.*)", marker)
+    if not m:
+        return f"cannot read {marker!r}; write <!-- needs KIND[, KIND]: why -->"
+    unknown = [k for k in re.split(r"[,\s]+", m.group(1).strip()) if k not in NEEDS]
+    return f"unknown kinds {unknown}; kinds: {', '.join(NEEDS)}" if unknown else None
+
+
+def _runnable_script(block: Block) -> str:
+    """The block as the test runs it: setup first, then the text with the stated substitutions."""
+    rest = block.marker[len("runnable"):]
+    text = block.text
+    for old, new in SUBSTITUTION.findall(rest):
+        text = text.replace(old, new)
+    setup = re.search(r"after\s+`([^`]+)`", rest)
+    return (setup.group(1) + "\n" if setup else "") + text
+
+
+def test_every_fenced_block_names_its_language():
+    bare = [b.id for b in _doc_blocks() if not b.lang]
+    assert not bare, f"give these blocks a language (bash, text, json, ...) so shell blocks can be found: {bare}"
+
+
+def test_every_shell_command_is_run_or_marked():
+    """A shell block the test does not run says what it needs (weights, data, a GPU, ...); unmarked ones fail."""
+    blocks = _shell_blocks()
+    assert len(blocks) > 40  # every page's blocks are found (README and docs/*.md)
+    problems = [f"{b.id}: {p}\n    {b.text.splitlines()[0]}" for b in blocks if (p := _marker_problem(b))]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_block_without_a_marker_or_with_a_bad_one_is_reported():
+    def block(marker):
+        return Block("x.md", 1, "bash", "medm data build phantoms --out d --n-train 4000\n", marker)
+
+    assert "no marker" in _marker_problem(block(None))
+    assert "unknown kinds ['cloud']" in _marker_problem(block("needs cloud: why"))
+    assert "cannot read" in _marker_problem(block("needs gpu"))  # no reason given
+    assert "does not occur" in _marker_problem(block('runnable: "--n-train 9" -> "--n-train 2"'))
+    assert _marker_problem(block('runnable: "--n-train 4000" -> "--n-train 8"')) is None
+    assert _marker_problem(block("runnable after `medm list`")) is None
+    assert _runnable_script(block('runnable after `medm list`: "4000" -> "8"')) == (
+        "medm list\nmedm data build phantoms --out d --n-train 8\n")
+
+
+def test_runnable_and_synopsis_blocks_run(tmp_path):
+    """Each `runnable` block runs (with its setup and substitutions) and each synopsis's commands exist, all in one
+    process (tests/docs_runner.py): `medm ...` commands through medm.cli.main, others through bash."""
+    blocks = [b for b in _shell_blocks() if b.marker and (b.marker == "synopsis" or b.marker.startswith("runnable"))]
+    assert sum(b.marker.startswith("runnable") for b in blocks) >= 6 and sum(b.marker == "synopsis" for b in blocks)
+    jobs = [{"id": b.id, "page": b.page, "mode": "synopsis" if b.marker == "synopsis" else "run",
+             "script": b.text if b.marker == "synopsis" else _runnable_script(b)} for b in blocks]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, f"{script}\n--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    root = tmp_path / "run"
+    root.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "docs_runner.py"), str(tmp_path / "jobs.json"),
+                           str(root)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((root / "results.json").read_text())
+    assert [r["id"] for r in results] == [j["id"] for j in jobs]
+    failed = [f"--- {r['id']}\n{r['log']}" for r in results if not r["ok"]]
+    assert not failed, "\n".join(failed)
 
 
-def test_the_component_walkthrough_works_as_written(monkeypatch):
+def _walk_through_adding_a_component(monkeypatch):
     """docs/adding_a_component.md: its encoder file registers, its YAML validates and builds as a tiny twin, and its
-    tests pass. The registration goes into a copy of the registry, so nothing leaks into other tests."""
+    tests pass. The registration goes into a copy of the registry without the example's name (a reader who followed
+    the page ships `dinov2` already), so nothing leaks into other tests and nothing collides."""
     from medm.models import build_model, parse_model_args
     from medm.models import tiny as tiny_module
     from medm.registry import VISION
@@ -108,7 +221,7 @@ def test_the_component_walkthrough_works_as_written(monkeypatch):
     blocks = dict(EXAMPLE.findall((REPO / "docs" / "adding_a_component.md").read_text()))
     assert set(blocks) == {"encoder", "model-yaml", "tiny", "test"}
     VISION.names()  # load the shipped components first
-    monkeypatch.setattr(VISION, "_items", dict(VISION._items))
+    monkeypatch.setattr(VISION, "_items", {k: v for k, v in VISION._items.items() if k != "dinov2"})
     monkeypatch.setattr(tiny_module, "TINY_VISION", {**tiny_module.TINY_VISION, **eval("{" + blocks["tiny"] + "}")})
     exec(compile(blocks["encoder"], "dinov2.py", "exec"), types.ModuleType("dinov2").__dict__)
     assert "dinov2" in VISION.names()
@@ -122,6 +235,24 @@ def test_the_component_walkthrough_works_as_written(monkeypatch):
     assert len(tests) == 2
     for test in tests:
         test()
+
+
+def test_the_component_walkthrough_works_as_written(monkeypatch):
+    _walk_through_adding_a_component(monkeypatch)
+
+
+def test_the_component_walkthrough_still_works_once_followed(monkeypatch):
+    """After a reader added medm/models/vision/dinov2.py, the docs test must not fail with 'already registered'."""
+    from medm.registry import VISION
+
+    VISION.names()
+
+    class Shipped:  # what the reader's own dinov2.py registered
+        pass
+
+    monkeypatch.setattr(VISION, "_items", {**VISION._items, "dinov2": Shipped})
+    _walk_through_adding_a_component(monkeypatch)
+    assert VISION._items["dinov2"] is not Shipped  # the page's class was the one tested
 
 
 def _slug(heading: str) -> str:
@@ -186,3 +317,23 @@ def test_dockerfile_installs_exactly_the_pinned_requirements_and_the_package():
         assert versions[name] == f"${{{arg_name}}}" and re.search(rf"^ARG {arg_name}=\d", text, re.M), name
     base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M).group(1)
     assert re.match(r"nvidia/cuda:\d+\.\d+\.\d+-\S*devel", base), base  # nvcc, for flash-attn
+
+
+def test_the_docs_runner_fails_a_failing_command_and_reads_blocks(tmp_path):
+    """tests/docs_runner.py: a `medm` usage error or a failing shell command is a non-zero status; continuation lines
+    join; a synopsis keeps the words before its first placeholder."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import docs_runner
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    cwd = os.getcwd()
+    try:
+        rc, out = docs_runner.run_command("medm list --no-such-option", tmp_path)
+        assert rc == 2 and "unrecognized arguments" in out
+        assert docs_runner.run_command("test -e no-such-file", tmp_path)[0] == 1
+    finally:
+        os.chdir(cwd)
+    assert docs_runner.commands("# c\nmedm a \\\n    b=1   # x\n\nmedm c\n") == ["medm a  b=1   # x", "medm c"]
+    assert docs_runner.commands("medm a [--x]\n      [--y]\n", synopsis=True) == ["medm a [--x] [--y]"]
+    assert docs_runner.synopsis_prefix("medm data build NAME --out DIR [--x]") == ["medm", "data", "build"]

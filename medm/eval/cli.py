@@ -56,11 +56,10 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="score a predictions file: metrics.json, report.md",
         description="Score the JSONL file `medm infer` wrote with an evaluation task (medm list shows them: vqa, "
-                    "vqa-rad, slake, pathvqa, report, report-zh, grounding, omnimedvqa, pmc-vqa, medxpertqa, mmmu, "
-                    "m3d-vqa-closed, ...), overall and per group where the data has them, each figure with a 95% "
-                    "bootstrap interval.")
-    p.add_argument("--task", required=True, help="evaluation task (medm list): vqa, vqa-rad, slake, pathvqa, "
-                                                 "report, report-zh, grounding, omnimedvqa, pmc-vqa, mmmu, ...")
+                    "vqa-rad, slake, pathvqa, report, report-zh, grounding, spine, omnimedvqa, pmc-vqa, medxpertqa, "
+                    "mmmu, m3d-vqa-closed, m3d-vqa-open, m3d-cap, iu-xray, flare25), overall and per group where the "
+                    "data has them, each figure with a 95% bootstrap interval.")
+    p.add_argument("--task", required=True, help="evaluation task (the list above; docs/eval.md)")
     p.add_argument("--pred", required=True, help="predictions JSONL written by medm infer")
     p.add_argument("--protocol", default=None, help="scoring protocol; VQA tasks: strict (default) or llava-med "
                                                     "(LLaVA-Med's substring scorer, to compare with papers)")

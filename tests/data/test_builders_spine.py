@@ -149,8 +149,13 @@ def test_cli_build_and_split_by_study(tmp_path, spine, capsys):
     ids_dev = [s["study_id"] for s in a_dev["studies"]]
     assert len(ids_train) == len(ids_dev) == 2 and not set(ids_train) & set(ids_dev)
     assert a_dev["schema"] == "medm-spine-labels/1" and a_dev["levels"] == list(LEVELS)
-    # The split files are label files the builder reads.
+    # The split files are label files the builder reads, with the slices where the source has them.
     assert len(load_labels(str(tmp_path / "a" / "dev.json"))[0]) == 2
+    build = ["data", "build", "spine", "--src", str(tmp_path / "a"), "--out", str(tmp_path / "ra"), "--task-type", "qd"]
+    assert main(build) == 2
+    assert "pass --image-folder DIR" in capsys.readouterr().err
+    assert main(build + ["--image-folder", str(spine)]) == 0
+    assert len(_read(tmp_path / "ra" / "train.json")) == len(_read(tmp_path / "ra" / "dev.json")) == 2
 
 
 def test_split_records_by_image_and_errors(tmp_path):

@@ -54,14 +54,15 @@ def text_field(row: dict[str, Any], key: str, where: str) -> str:
     return value.strip()
 
 
-def check_images(records: Sequence[dict[str, Any]], image_dir: str, source: str, key: str = "image") -> None:
-    """Raise FileNotFoundError naming up to 5 records whose `key` files are missing under `image_dir`."""
+def check_images(records: Sequence[dict[str, Any]], image_dir: str, source: str, key: str = "image",
+                 hint: str = "") -> None:
+    """Raise FileNotFoundError naming up to 5 records whose `key` files are missing under `image_dir` (then `hint`)."""
     missing = [(r["id"], p) for r in records for p in r.get(key, [])
                if not os.path.isfile(p if os.path.isabs(p) else os.path.join(image_dir, p))]
     if missing:
         shown = ", ".join(f"{rid}: {p}" for rid, p in missing[:5])
         raise FileNotFoundError(f"{len(missing)} {source} record(s) name files missing from {image_dir}: {shown}"
-                                + (" ..." if len(missing) > 5 else ""))
+                                + (" ..." if len(missing) > 5 else "") + (f"; {hint}" if hint else ""))
 
 
 class JsonlWriter:

@@ -290,7 +290,9 @@ def build_spine(out: str, src: str, task_type: Any = "qd,sl,zjppt,zyzg,positioni
                                     box_format, f"{path}, study {study['study_id']!r}")
             records += recs
             missing += n
-        check_images(records, image_dir, "spine")
+        # E.g. label files written by `medm data split` into a folder of their own, away from the slices:
+        check_images(records, image_dir, "spine", hint="" if image_folder else "slice paths start at --src: pass "
+                     "--image-folder DIR where they are")
         result[split], unlabelled[split] = records, missing
     os.makedirs(out, exist_ok=True)
     paths = {}
