@@ -76,7 +76,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--family", default=None, help="medm LLM family (LoRA targets); default: the text config's "
                                                   "model_type when medm knows it, else auto")
     p.add_argument("--template", default=None, help="registered medm chat template; default: the checkpoint's own "
-                                                    "(llava-hf), medm-vl, tinyllava")
+                                                    "(llava-hf), medm-vl, tinyllava, llava_v1 (llava, Llama) or "
+                                                    "mistral_instruct (llava, Mistral)")
     p.add_argument("--system-prompt", default=None, help="default system prompt; default: the one a medm export "
                                                          "recorded, else none")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: as stored")
