@@ -113,6 +113,21 @@ def test_llava_templates_render_training_conversations_byte_exact(imported, name
         assert supervised.replace(" ", "") == "".join(a + "</s>" for a in answers).replace(" ", ""), mode
 
 
+@pytest.mark.skipif("llava-llama-pad" not in PRESENT, reason="fixture not generated")
+@pytest.mark.parametrize("mode", ["llava_v1", "vicuna_v1"])
+def test_training_ids_and_labels_equal_llava_preprocess_v1(imported, mode):
+    """medm's training encoding of a two-turn image conversation equals LLaVA's own dataset code (train.py's
+    `preprocess_v1`, SentencePiece tokenizer): the same ids, the answers and their `</s>` supervised, nothing else."""
+    from medm.data.templates import ChatFormat
+
+    case, out, model, tok, *_ = imported("llava-llama-pad", mode)
+    expected = json.loads((case / "expected.json").read_text())
+    want = expected["train"][mode]
+    ids, labels = ChatFormat(tok, model.config.template).encode(expected["renders"][mode]["messages"])
+    assert [IMAGE_ID if t == model.config.image_token_id else t for t in ids] == want["input_ids"]
+    assert labels == want["labels"]
+
+
 def test_llava_import_defaults_and_model_yaml(imported):
     """The default template follows the LLM (Llama: llava_v1; Mistral: mistral_instruct, LLaVA-Med's evaluation
     mode); pad / square become vision.resize pad / squash; the select layer and feature are LLaVA's."""
