@@ -9,7 +9,7 @@ per step the loss of a one-process run on the same global batches (within 1e-4: 
 ranks, `average_tokens_across_devices`; ZeRO-3 against a one-process ZeRO-3 run, whose zero.Init draws the random
 initial weights in its own order).
 
-All three launches run by default: about 2.5 minutes together on 2 shared cores.
+All three launches run by default: 1 to 2 minutes together on 2 shared cores (the references included).
 """
 
 import json
