@@ -113,14 +113,17 @@ def test_llava_templates_render_training_conversations_byte_exact(imported, name
         assert supervised.replace(" ", "") == "".join(a + "</s>" for a in answers).replace(" ", ""), mode
 
 
-@pytest.mark.skipif("llava-llama-pad" not in PRESENT, reason="fixture not generated")
-@pytest.mark.parametrize("mode", ["llava_v1", "vicuna_v1"])
-def test_training_ids_and_labels_equal_llava_preprocess_v1(imported, mode):
+@pytest.mark.parametrize("name, mode", [("llava-llama-pad", "llava_v1"), ("llava-llama-pad", "vicuna_v1"),
+                                        ("llavamed-mistral-square", "mistral_instruct")])
+def test_training_ids_and_labels_equal_llava_preprocess(imported, name, mode):
     """medm's training encoding of a two-turn image conversation equals LLaVA's own dataset code (train.py's
-    `preprocess_v1`, SentencePiece tokenizer): the same ids, the answers and their `</s>` supervised, nothing else."""
+    `preprocess_v1` for llava_v1 / vicuna_v1, `preprocess_llama_2` for mistral_instruct; SentencePiece tokenizers):
+    the same ids, the answers and their end (`</s>`; mistral_instruct: " </s>") supervised, nothing else."""
     from medm.data.templates import ChatFormat
 
-    case, out, model, tok, *_ = imported("llava-llama-pad", mode)
+    if name not in PRESENT:
+        pytest.skip("fixture not generated")
+    case, out, model, tok, *_ = imported(name, mode)
     expected = json.loads((case / "expected.json").read_text())
     want = expected["train"][mode]
     ids, labels = ChatFormat(tok, model.config.template).encode(expected["renders"][mode]["messages"])
