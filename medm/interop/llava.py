@@ -80,7 +80,8 @@ def check_llava_config(cfg: dict[str, Any], src: str) -> None:
     mt = cfg.get("model_type")
     if mt not in LLMS:
         hint = ("; a transformers llava-hf directory: use `medm import llava-hf`" if "text_config" in cfg
-                else "")
+                else "; model_type llava without text_config is LLaVA v0 / LLaVA-Med v1.0, which medm does not import"
+                if mt == "llava" else "")
         raise ImportFormatError(f"{src}: model_type {mt!r}; medm imports original LLaVA checkpoints of model_type "
                                 f"{', '.join(LLMS)}{hint}")
     if not cfg.get("mm_vision_tower"):
@@ -114,8 +115,10 @@ def text_config_of(cfg: dict[str, Any], src: str):
 
 
 def tower_weights(encoder_path: str | None, tower: str, src: str) -> dict[str, torch.Tensor]:
-    """The CLIP tower's weights under LLaVA's names, from the `--encoder-path` directory (CLIPVisionModel or CLIPModel,
-    4.x or 5.x names); a full CLIP's text tower and projections are dropped."""
+    """The CLIP tower's weights under LLaVA's names, from the `--encoder-path` directory, else `mm_vision_tower` when
+    that is a local directory (CLIPVisionModel or CLIPModel, 4.x or 5.x names); a full CLIP's text tower and
+    projections are dropped."""
+    encoder_path = encoder_path or (tower if os.path.isdir(tower) else None)
     if not encoder_path or not os.path.isdir(encoder_path):
         raise ImportFormatError(f"{src}: the checkpoint carries no vision tower weights ({TOWER_PREFIX}*); pass "
                                 f"--encoder-path with a local copy of the tower mm_vision_tower names ({tower!r})")

@@ -277,3 +277,20 @@ def test_a_336px_clip_tower_from_encoder_path_in_todays_layout(tmp_path):
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     ids = Predictor(model.eval(), tok).encode([{"role": "user", "content": "<image>\nWhat is shown?"}])
     assert ids.count(model.config.image_token_id) == 576
+
+
+@pytest.mark.skipif("llavamed-mistral-square" not in PRESENT, reason="fixture not generated")
+def test_mm_vision_tower_as_a_local_directory_needs_no_encoder_path(imported, tmp_path):
+    """A checkpoint whose mm_vision_tower is a local CLIP directory (as a training run writes it) imports without
+    --encoder-path: config, image processor and weights come from there; the same model as with the option."""
+    case, out, *_ = imported("llavamed-mistral-square")
+    src = _copy(case, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["mm_vision_tower"] = str(case / "bases" / "clip")
+    (src / "config.json").write_text(json.dumps(cfg))
+    out2 = tmp_path / "out"
+    assert main(["import", "llava", str(src), str(out2)]) == 0
+    assert json.loads((out2 / "config.json").read_text())["vision"] == json.loads((out / "config.json").read_text())[
+        "vision"]
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
+    assert [k for k in a if k.startswith("vision.") and not torch.equal(a[k], b[k])] == []
