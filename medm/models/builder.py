@@ -173,6 +173,10 @@ def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
     text_config = resolve_text_config(to_dict(llm))
     if llm.path is None:
         text_config.vocab_size = len(tokenizer)
+        # A random-init LLM takes its special token ids from the tokenizer (the Trainer would, with a warning).
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key) is not None:
+                setattr(text_config, key, getattr(tokenizer, key))
     llm_settings = {"family": llm.family, "path": llm.path, "dtype": llm.dtype,
                     "attn_implementation": llm.attn_implementation, "trust_remote_code": llm.trust_remote_code,
                     "lora_target_modules": llm.lora_target_modules or LLM.get(llm.family).lora_target_modules}

@@ -194,6 +194,12 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
             if name == "llm" and targets is None:
                 targets = llm_lora_targets(model)
             lora_targets += _linear_names(modules, targets, exclude, f"stage.lora ({name})")
+    freeze_unused(model)
+    for name, mode in modes.items():
+        if mode.kind in ("full", "partial") and not any(
+                p.requires_grad for path in paths[name] for p in model.get_submodule(path).parameters()):
+            raise ConfigError(f"stage.{name}: {plan_value(plan, name)!r} trains only blocks the features never use "
+                              f"(model.{name}.select_layer picks an earlier layer); train more blocks")
     if not lora_targets:
         return model
     from peft import LoraConfig, get_peft_model
@@ -201,7 +207,31 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
     config = LoraConfig(r=plan.lora.r, lora_alpha=plan.lora.alpha, lora_dropout=plan.lora.dropout,
                         target_modules=lora_targets, modules_to_save=to_save or None, bias="none")
     # Only the base model's embeddings feed the LLM; PEFT's own model-type tweaks are not wanted (task_type None).
-    return get_peft_model(model, config)
+    # PEFT unfreezes its copies of the saved modules and adds adapters to unused blocks too: freeze those again.
+    return freeze_unused(get_peft_model(model, config), log=False)
+
+
+def plan_value(plan: StagePlan, name: str) -> str:
+    value = getattr(plan, name)
+    return value if value is not None else DEFAULT_MODES[name]
+
+
+def freeze_unused(model: nn.Module, log: bool = True) -> nn.Module:
+    """Freeze what a trained encoder's features never reach (`unused_parameter_names`: e.g. CLIP's post_layernorm,
+    the blocks after `select_layer`): no gradient would reach them."""
+    frozen = []
+    for path, module in model.named_modules():
+        if not callable(getattr(module, "unused_parameter_names", None)):
+            continue
+        for name in module.unused_parameter_names():
+            param = module.get_parameter(name)
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(f"{path}.{name}")
+    if frozen and log:
+        logger.info("%d encoder parameter tensors stay frozen: the features never use them (e.g. %s)", len(frozen),
+                    ", ".join(frozen[:2]))
+    return model
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -232,8 +232,9 @@ class MedMTrainer(Trainer):
 class NoGradCheck(TrainerCallback):
     """Warn once, at the first optimizer step, about trainable parameters that got no gradient.
 
-    E.g. `vision: full` with CLIP's `select_layer: -2` trains a last block whose output is never used. (Under
-    DeepSpeed the gradients live in its own buffers, so the check is skipped.)
+    E.g. a module whose output never reaches the loss (an encoder's blocks after `select_layer` and its final norm
+    are kept frozen by the stage plan instead). (Under DeepSpeed the gradients live in its own buffers, so the check
+    is skipped.)
     """
 
     def __init__(self):
@@ -418,6 +419,10 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     """
     train = cfg.train
     device = resolve_device(train)
+    if not torch.cuda.is_available():
+        # DeepSpeed (which transformers imports to unwrap a model it saves) otherwise guesses the accelerator and
+        # warns "Setting accelerator to CPU" on every CPU run: say which it is.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     resume = train.resume_from_checkpoint
     if resume is True and last_checkpoint(train.output_dir) is None:
         # A requeued job resumes with `true` whether or not its first run got as far as a checkpoint.

@@ -12,9 +12,13 @@ from medm.train.stages import apply_plan, checkpoint_format, encoder_blocks, par
 LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(family="qwen2"):
+def _model(family="qwen2", select_layer=-1):
+    """The tiny model; its 2-block CLIP tower gives the last block's output (every block and parameter but
+    post_layernorm reaches the features)."""
     torch.manual_seed(0)
-    return build_model(tiny_model_config(family=family))[0]
+    cfg = tiny_model_config(family=family)
+    cfg["vision"]["select_layer"] = select_layer
+    return build_model(cfg)[0]
 
 
 def _trainable(model) -> set[str]:
@@ -48,6 +52,26 @@ def test_partial_trains_only_the_last_blocks():
     last = next(n for n, m in model.named_modules() if m is blocks[-1])
     apply_plan(model, StagePlan(vision="partial:1", llm="frozen"))
     assert _trainable(model) == _names(model, "connector.") | _names(model, last + ".")
+
+
+@pytest.mark.parametrize("plan", [StagePlan(vision="full"), StagePlan(vision="full", llm="lora")])
+def test_a_trained_tower_keeps_what_its_features_never_use_frozen(plan):
+    """CLIP features from hidden_states[-2]: the last block and post_layernorm get no gradient, so they stay frozen
+    (no 'no gradient' warning, no DDP error); everything left trainable gets a gradient in a step."""
+    model = _model(select_layer=-2)
+    trained = apply_plan(model, plan)
+    tower = {n: p.requires_grad for n, p in trained.named_parameters() if "vision." in n}
+    unused = [n for n in tower if "post_layernorm." in n or "encoder.layers.1." in n]
+    assert unused and not any(tower[n] for n in unused)
+    assert any(tower[n] for n in tower if "encoder.layers.0." in n)
+    ids = torch.tensor([[model.config.image_token_id] * model.num_image_tokens + [5, 6, 7]])
+    trained(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids).loss.backward()
+    assert [n for n, p in trained.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_partial_blocks_the_features_never_use_is_an_error():
+    with pytest.raises(ConfigError, match=r"stage.vision: 'partial:1' trains only blocks the features never use"):
+        apply_plan(_model(select_layer=-2), StagePlan(vision="partial:1", llm="frozen"))
 
 
 def test_lora_trains_adapters_and_connector_only():

@@ -10,6 +10,7 @@ from train_helpers import RecordStart, answer_loss, make_cfg
 
 from medm.cli import main as medm_main
 from medm.models import load_model
+from medm.models.tiny import tiny_model_config
 from medm.train.checkpoint import load_init_weights, load_trained, read_meta
 from medm.train.trainer import build_training_data, run_training
 
@@ -153,7 +154,9 @@ def test_logs_metrics_plot_and_tensorboard(stages):
 
 
 def test_trainable_parameters_without_gradient_are_reported(tmp_path, toy_data, caplog):
-    # The tiny CLIP selects layer -2, so its last block never reaches the loss: partial:1 trains nothing there.
+    # The tiny open_clip tower selects block -2 and stops there, and (unlike the HF towers, whose unused blocks stay
+    # frozen) does not say so: its last block never reaches the loss.
     with caplog.at_level(logging.WARNING, logger="medm.train.trainer"):
-        run_training(make_cfg(tmp_path, toy_data, {"vision": "partial:1", "llm": "frozen"}, max_steps=1))
-    assert "trainable parameters got no gradient" in caplog.text and ".layers.1." in caplog.text
+        run_training(make_cfg(tmp_path, toy_data, {"vision": "full", "llm": "frozen"},
+                              tiny_model_config(vision="open_clip"), max_steps=1))
+    assert "trainable parameters got no gradient" in caplog.text and ".resblocks.1." in caplog.text

@@ -23,8 +23,9 @@ class ImagePreprocess:
     Args:
         image_size: (H, W) the encoder takes.
         mean, std: per-channel normalisation, one value per output channel.
-        resize: `squash` (resize to H x W) or `pad` (pad to square with the mean colour first, as LLaVA's
-            `pad` aspect mode, which keeps anatomy undistorted).
+        resize: `squash` (resize to H x W), `pad` (pad to square with the mean colour first, as LLaVA's
+            `pad` aspect mode, which keeps anatomy undistorted) or `crop` (resize the short side, keeping the aspect
+            ratio, then centre-crop H x W: CLIP's image processor, LLaVA's `square` aspect mode).
         resample: `bicubic` | `bilinear` | `nearest`.
         max_pixels: largest square canvas `pad` may make (a 20000x1 image pads to 400 megapixels: an aspect-ratio
             bomb that passes the file's own pixel limit); None: no limit.
@@ -63,10 +64,20 @@ class ImagePreprocess:
             canvas = Image.new(mode, (side, side), fill)
             canvas.paste(image, ((side - w) // 2, (side - h) // 2))
             image = canvas
-        elif self.resize != "squash":
-            raise ValueError(f"unknown resize mode {self.resize!r}; known: squash, pad")
+        elif self.resize not in ("squash", "crop"):
+            raise ValueError(f"unknown resize mode {self.resize!r}; known: squash, pad, crop")
         h, w = self.image_size
-        image = image.resize((w, h), _RESAMPLE[self.resample])
+        if self.resize == "crop":
+            # transformers' shortest-edge resize (long side floored) and centre crop, as CLIPImageProcessor does
+            iw, ih = image.size
+            side = max(h, w)
+            short, long = min(iw, ih), max(iw, ih)
+            nw, nh = (side, int(side * long / short)) if iw <= ih else (int(side * long / short), side)
+            image = image.resize((nw, nh), _RESAMPLE[self.resample])
+            top, left = (nh - h) // 2, (nw - w) // 2
+            image = image.crop((left, top, left + w, top + h))
+        else:
+            image = image.resize((w, h), _RESAMPLE[self.resample])
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
@@ -110,6 +121,12 @@ class VisionEncoder(nn.Module):
     def load_pretrained(self, path: str) -> None:
         """Load weights from a local directory or file (or hub id where the network allows)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load pretrained weights")
+
+    def unused_parameter_names(self) -> list[str]:
+        """Names (relative to the encoder) of parameters the features never reach, e.g. the layers after
+        `select_layer` and a final norm; a stage that trains the encoder keeps them frozen (no gradient would reach
+        them, and DDP refuses such parameters)."""
+        return []
 
 
 SELECT_FEATURES = ("patch", "cls_patch", "skip_first")

@@ -40,12 +40,14 @@ class HFVisionEncoder(VisionEncoder):
             with `layout: medm-vl` take that, the pooling ones refuse it).
         image_mean: per-channel mean; default from `path`'s preprocessor, else the tower's.
         image_std: per-channel std; default from `path`'s preprocessor, else the tower's.
-        resize: `squash` | `pad` (see `ImagePreprocess`).
+        resize: `squash` | `pad` | `crop` (see `ImagePreprocess`).
         resample: `bicubic` | `bilinear` | `nearest`.
     """
 
     config_class: type[PretrainedConfig]
     model_class: type[PreTrainedModel]
+    layers_path: str = "encoder.layers"  # the transformer blocks whose outputs `hidden_states` holds
+    after_layers: tuple[str, ...] = ()  # modules applied after the blocks, outside `hidden_states` (final norm, head)
     num_cls_tokens: int = 0
     default_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     default_std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -96,6 +98,14 @@ class HFVisionEncoder(VisionEncoder):
     def load_pretrained(self, path: str) -> None:
         loaded = self.model_class.from_pretrained(path, config=self.model.config)
         self.model.load_state_dict(loaded.state_dict())
+
+    def unused_parameter_names(self) -> list[str]:
+        """The blocks after `select_layer` (`hidden_states[i]` is block i-1's output) and `after_layers`."""
+        layers = self.model.get_submodule(self.layers_path)
+        used = self.select_layer % (len(layers) + 1)
+        paths = [f"{self.layers_path}.{i}" for i in range(used, len(layers))]
+        paths += [p for p in self.after_layers if isinstance(getattr(self.model, p, None), torch.nn.Module)]
+        return [f"model.{p}.{n}" for p in paths for n, _ in self.model.get_submodule(p).named_parameters()]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (B, C, H, W) -> (B, N, D)."""

@@ -18,6 +18,7 @@ class SiglipEncoder(HFVisionEncoder):
 
     config_class = SiglipVisionConfig
     model_class = SiglipVisionModel
+    after_layers = ("post_layernorm", "head")
     num_cls_tokens = 0
     default_mean = (0.5, 0.5, 0.5)
     default_std = (0.5, 0.5, 0.5)
