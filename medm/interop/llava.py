@@ -27,7 +27,7 @@ What maps (weights are copied unchanged):
 | `mm_vision_select_feature` patch / cls_patch       | `select_feature` patch (CLS dropped) / cls_patch   |
 | `model.mm_projector.{0,2}` (`mlp{N}x_gelu`)        | `connector.mlp.{0,2}` (`mlp`, same type)           |
 | `model.mm_projector` (`linear`)                    | `connector.mlp.0` (`mlp`, type `linear`)           |
-| `image_aspect_ratio` pad / square                  | `vision.resize` pad (mean colour) / squash         |
+| `image_aspect_ratio` pad / square                  | `vision.resize` pad (mean colour) / crop           |
 | conversation modes                                 | templates `llava_v1`, `vicuna_v1`, `mistral_instruct` |
 
 Refused, with the reason: `mm_patch_merge_type` spatial / spatial_unpad and `image_aspect_ratio: anyres` (LLaVA-NeXT
@@ -58,7 +58,7 @@ from medm.interop._source import (
     rename,
     write_medm_checkpoint,
 )
-from medm.interop.llava_hf import ImportFormatError, _encoder_for, _preprocess_settings
+from medm.interop.llava_hf import _RESAMPLE_CODES, ImportFormatError, _encoder_for
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ logger = logging.getLogger(__name__)
 # (LLaVA-1.5: llava_v1; LLaVA-Med v1.5: mistral_instruct, the mode its model_vqa evaluation is run with).
 LLMS = {"llava_llama": ("llama", "llava_v1"), "llava_mistral": ("mistral", "mistral_instruct")}
 _MLP = re.compile(r"mlp(\d+)x_gelu")
-_ASPECT = {"pad": "pad", "square": "squash", None: "squash"}
+# LLaVA's `square` (and unset) runs the CLIP processor on the image as it is: short side resized, centre-cropped.
+_ASPECT = {"pad": "pad", "square": "crop", None: "crop"}
 # LLaVA's own keys in its config.json: not part of the LLM's config.
 _LLAVA_KEYS = ("image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length",
                "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower", "use_mm_proj",
@@ -105,6 +106,20 @@ def check_llava_config(cfg: dict[str, Any], src: str) -> None:
     if not isinstance(layer, int) or feature not in ("patch", "cls_patch"):
         raise ImportFormatError(f"{src}: mm_vision_select_layer {layer!r} / mm_vision_select_feature {feature!r}; "
                                 "expected an integer layer and patch or cls_patch")
+
+
+def clip_settings(processor, image_size: int, src: str) -> dict[str, Any]:
+    """medm `vision` keys (mean, std, resample) of the tower's CLIPImageProcessor, which LLaVA runs after its own
+    aspect step; its resize-and-crop is `vision.resize: crop` (or a plain resize after `pad`)."""
+    crop = dict(getattr(processor, "crop_size", None) or {})
+    if crop and (crop.get("height"), crop.get("width")) != (image_size, image_size):
+        logger.warning("%s: the image processor crops to %s, the tower takes %d px; medm uses the tower's", src,
+                       crop, image_size)
+    resample = {v: k for k, v in _RESAMPLE_CODES.items()}.get(int(getattr(processor, "resample", 3)))
+    if resample is None:
+        logger.warning("%s: resample %s is not one medm has; using bicubic", src, processor.resample)
+    return {"resample": resample or "bicubic", "image_mean": [float(x) for x in processor.image_mean],
+            "image_std": [float(x) for x in processor.image_std]}
 
 
 def text_config_of(cfg: dict[str, Any], src: str):
@@ -204,7 +219,7 @@ def import_llava(src: str, out: str, *, llm_path: str | None = None, encoder_pat
         logger.warning("%s: no image processor found (pass --encoder-path with the CLIP tower's "
                        "preprocessor_config.json); using %s's default mean / std", src, enc_name)
     else:
-        vision.update(_preprocess_settings(processor, vcfg.image_size, src))
+        vision.update(clip_settings(processor, vcfg.image_size, src))
     vision["resize"] = _ASPECT[cfg.get("image_aspect_ratio")]
 
     state, projector_only = llava_weights(src, llm_path)

@@ -82,7 +82,7 @@ def test_llava_prompts_ids_pixels_and_logits(imported, name):
         ids = pred.encode(rec["messages"])
         assert _collapse(ids, model.config.image_token_id) == rec["input_ids"], rec["key"]
         pixels = pred.images([image])
-        # LLaVA's CLIPImageProcessor and medm resize the same square (padded, or square already) with PIL bicubic.
+        # LLaVA: expand2square (pad) or nothing (square), then CLIPImageProcessor; medm: vision.resize pad / crop.
         torch.testing.assert_close(pixels, tensors["pixel_values"], atol=1e-5, rtol=0)
         theirs = tensors[f"{rec['key']}/logits"]
         assert len(ids) == int(tensors[f"{rec['key']}/seq_len"])  # as many image features as LLaVA inserts
@@ -136,7 +136,7 @@ def test_llava_import_defaults_and_model_yaml(imported):
     mode); pad / square become vision.resize pad / squash; the select layer and feature are LLaVA's."""
     for name, template, resize, feature, layer in (("llava-llama-pad", "llava_v1", "pad", "patch", -2),
                                                    ("llava-llama-pretrain", "llava_v1", "pad", "cls_patch", -1),
-                                                   ("llavamed-mistral-square", "mistral_instruct", "squash", "patch",
+                                                   ("llavamed-mistral-square", "mistral_instruct", "crop", "patch",
                                                     -2)):
         if name not in PRESENT:
             continue
@@ -220,26 +220,36 @@ def test_llava_med_evaluation_path_end_to_end(imported, tmp_path):
     """LLaVA-Med's VQA evaluation on an imported LLaVA-Med (LlavaMistralForCausalLM) checkpoint: `medm infer` with
     the import's default template (mistral_instruct, the conv mode LLaVA-Med's README runs model_vqa.py with) and
     the question as model_vqa.py builds it ("<image>\\n" + the question, no suffix; a record without a placeholder
-    gets it in front) answers token for token as LLaVA-Med's own greedy model_vqa generation did; `medm eval
+    gets it in front) generates, greedily, the tokens LLaVA-Med's own model_vqa generation did; `medm eval
     --protocol llava-med` then scores those answers with LLaVA-Med's rules (closed: the answer a substring of the
     prediction; open: the share of answer words found)."""
-    case, out, *_ = imported("llavamed-mistral-square")
+    from medm.infer.generate import GenerationSettings
+
+    case, out, model, tok, *_ = imported("llavamed-mistral-square")
     expected = json.loads((case / "expected.json").read_text())
     theirs = [r for r in expected["records"] if r["template"] == "mistral_instruct" and r["kind"] == "vqa"]
     assert [r["messages"][0]["content"] for r in theirs] == ["<image>\nWhat is shown in this image?",
                                                               "<image>\nIs there an effusion on the left?"]
+    n_new = len(theirs[0]["generated_ids"])
+    pred = Predictor(model, tok)
+    pixels = pred.images([Image.open(case / "data" / expected["image"])])
+    for r in theirs:  # token for token (greedy)
+        got = pred.generate_ids([pred.encode(r["messages"])], pixels, GenerationSettings(max_new_tokens=n_new))[0]
+        assert got == r["generated_ids"], r["key"]
+    # The answer text: medm's decoding of those tokens. (SentencePiece decodes an invalid UTF-8 run of byte tokens,
+    # which a random model emits, partly; the tokenizers library replaces the whole run. Real answers decode alike.)
+    answers = [pred.decode(r["generated_ids"]) for r in theirs]
     rows = [{"id": "q0", "image": expected["image"], "answer": "yes",
              "conversations": [{"from": "human", "value": "What is shown in this image?"}]},
-            {"id": "q1", "image": expected["image"], "answer": theirs[1]["answer"], "answer_type": "OPEN",
+            {"id": "q1", "image": expected["image"], "answer": answers[1], "answer_type": "OPEN",
              "conversations": [{"from": "human", "value": "<image>\nIs there an effusion on the left?"}]}]
     questions, preds = tmp_path / "questions.jsonl", tmp_path / "preds.jsonl"
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["infer", "--model", str(out), "--data", str(questions), "--image-dir", str(case / "data"),
-                 "--out", str(preds), "--max-new-tokens", str(len(theirs[0]["generated_ids"])), "--device", "cpu",
-                 "--no-progress"]) == 0
+                 "--out", str(preds), "--max-new-tokens", str(n_new), "--device", "cpu", "--no-progress"]) == 0
     got = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert [g["prediction"] for g in got] == [r["answer"] for r in theirs]
-    assert theirs[0]["answer"] and "yes" not in theirs[0]["answer"]
+    assert [g["prediction"] for g in got] == answers
+    assert answers[0] and "yes" not in answers[0]
     assert main(["eval", "--task", "vqa", "--pred", str(preds), "--protocol", "llava-med", "--bootstrap", "0",
                  "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -294,3 +304,22 @@ def test_mm_vision_tower_as_a_local_directory_needs_no_encoder_path(imported, tm
         "vision"]
     a, b = load_file(str(out / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
     assert [k for k in a if k.startswith("vision.") and not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize("hw", [(70, 30), (30, 71), (20, 33), (100, 100)])
+def test_crop_resize_frames_images_as_clip_image_processor(hw):
+    """`vision.resize: crop` (LLaVA's `square`): the short side resized, the long side floored, centre-cropped, as
+    CLIPImageProcessor does, for portrait and landscape images. (Today's processor rounds some pixels one 8-bit
+    level apart: at most 1/255/std; a framing error moves whole rows.)"""
+    import numpy as np
+    from transformers import CLIPImageProcessor
+
+    from medm.models.vision._base import ImagePreprocess
+
+    proc = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    image = Image.fromarray(np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3), dtype=np.uint8))
+    want = torch.as_tensor(np.asarray(proc(image, return_tensors="np")["pixel_values"][0]))
+    got = ImagePreprocess((48, 48), tuple(proc.image_mean), tuple(proc.image_std), "crop")(image)
+    assert got.shape == want.shape == (3, 48, 48)
+    torch.testing.assert_close(got, want, atol=1.01 / 255 / min(proc.image_std), rtol=0)
+    assert (got - want).abs().mean() < 2e-3

@@ -95,7 +95,7 @@ class OpenCLIPEncoder(VisionEncoder):
         select_feature: `patch` (grid tokens) or `cls_patch` (class token first, then the grid).
         image_mean, image_std: default from `model_name` (the normalisation all its pretrained tags share),
             else OpenAI CLIP's.
-        resize: `squash` | `pad` (see `ImagePreprocess`). resample: `bicubic` | `bilinear` | `nearest`.
+        resize: `squash` | `pad` | `crop` (see `ImagePreprocess`). resample: `bicubic` | `bilinear` | `nearest`.
     """
 
     def __init__(self, model_name: str | None = None, model_cfg: dict[str, Any] | None = None, path: str | None = None,

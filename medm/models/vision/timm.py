@@ -72,7 +72,7 @@ class TimmEncoder(VisionEncoder):
             (-1: last block / stage, -2: the one before). Unlike HF `hidden_states`, 0 is the first block.
         select_feature: `patch` (grid tokens only) or `cls_patch` (prefix tokens first, then the grid).
         image_mean, image_std: normalisation; default from the model's timm data config.
-        resize: `squash` | `pad` (see `ImagePreprocess`). resample: `bicubic` | `bilinear` | `nearest`.
+        resize: `squash` | `pad` | `crop` (see `ImagePreprocess`). resample: `bicubic` | `bilinear` | `nearest`.
     """
 
     def __init__(self, model_name: str, model_args: dict[str, Any] | None = None, path: str | None = None,
