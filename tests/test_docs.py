@@ -229,6 +229,8 @@ def _walk_through_adding_a_component(monkeypatch):
     parse_model_args(cfg, "dinov2-qwen2.5-0.5b.yaml")  # the real config validates as written
     model, _ = build_model(tiny_module.tiny_overrides(cfg))
     assert model.config.vision["name"] == "dinov2" and model.num_image_tokens == 4  # 4x4 grid pooled by 2
+    # select_layer -1: every block reaches the features, the final norm does not
+    assert model.vision.unused_parameter_names() == ["model.layernorm.weight", "model.layernorm.bias"]
     namespace: dict = {}
     exec(compile(blocks["test"], "test_vision_dinov2.py", "exec"), namespace)
     tests = [f for name, f in namespace.items() if name.startswith("test_")]

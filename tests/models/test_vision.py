@@ -399,3 +399,21 @@ def test_build_model_loads_vision_path(tmp_path):
     cfg["vision"]["path"] = str(tmp_path / "vit.safetensors")
     model, _ = build_model(cfg)
     torch.testing.assert_close(model.vision.model.pos_embed, full.pos_embed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, select_layer, unused", [
+    ("clip", -1, ["post_layernorm"]), ("clip", -2, ["encoder.layers.1", "post_layernorm"]),
+    ("clip", 0, ["encoder.layers.0", "encoder.layers.1", "post_layernorm"]),
+    ("siglip", -2, ["encoder.layers.1", "post_layernorm"]),  # the tiny SigLIP has no head (vision_use_head false)
+])
+def test_hf_towers_name_the_parameters_their_features_never_reach(name, select_layer, unused):
+    cls = VISION.get(name)
+    enc = cls(**{**cls.resolve_config(tiny_vision(name)), "select_layer": select_layer})
+    expected = [f"model.{m}.{n}" for m in unused for n, _ in enc.model.get_submodule(m).named_parameters()]
+    assert enc.unused_parameter_names() == expected
+    # Exactly those get no gradient from the features.
+    enc(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert sorted(n for n, p in enc.named_parameters() if p.grad is None) == sorted(expected)
+    # A subclass that does not say where its blocks are claims nothing.
+    enc.layers_path = "no.such.blocks"
+    assert enc.unused_parameter_names() == []

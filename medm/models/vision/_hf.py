@@ -100,8 +100,12 @@ class HFVisionEncoder(VisionEncoder):
         self.model.load_state_dict(loaded.state_dict())
 
     def unused_parameter_names(self) -> list[str]:
-        """The blocks after `select_layer` (`hidden_states[i]` is block i-1's output) and `after_layers`."""
-        layers = self.model.get_submodule(self.layers_path)
+        """The blocks after `select_layer` (`hidden_states[i]` is block i-1's output) and `after_layers`; nothing
+        when the tower has no `layers_path` (a subclass that did not say where its blocks are)."""
+        try:
+            layers = self.model.get_submodule(self.layers_path)
+        except AttributeError:
+            return []
         used = self.select_layer % (len(layers) + 1)
         paths = [f"{self.layers_path}.{i}" for i in range(used, len(layers))]
         paths += [p for p in self.after_layers if isinstance(getattr(self.model, p, None), torch.nn.Module)]
