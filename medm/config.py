@@ -192,8 +192,16 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def resolve_relative(path: str | None, base_file: str) -> str | None:
-    """A path in a YAML file is relative to the working directory, or to that file when it exists there."""
+    """A path in a YAML file is relative to the working directory, else to that file's folder or the nearest folder
+    above it where it exists (the shipped configs name `configs/model/x.yaml` from the repository root, so `medm
+    demo` and `medm train configs/...` work from any working directory)."""
     if not path or os.path.isabs(path) or os.path.exists(path):
         return path
-    candidate = os.path.join(os.path.dirname(base_file), path)
-    return candidate if os.path.exists(candidate) else path
+    folder = os.path.dirname(os.path.abspath(base_file))
+    while True:
+        candidate = os.path.join(folder, path)
+        if os.path.exists(candidate):
+            return candidate
+        if os.path.dirname(folder) == folder:
+            return path
+        folder = os.path.dirname(folder)

@@ -48,6 +48,17 @@ def test_overrides_edit_inside_a_model_file(tmp_path, monkeypatch):
     assert cfg.model.llm.dtype == "bfloat16" and cfg.model.vision["name"] == "clip" and cfg.train.max_steps == 7
 
 
+def test_shipped_configs_read_from_any_working_directory(tmp_path, monkeypatch):
+    """`model: configs/model/tiny-demo.yaml` is relative to the repository root: found from elsewhere too (medm demo
+    run outside the checkout), as is a `model=` override naming a shipped file."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config(str(REPO / "configs/demo/pretrain.yaml"))
+    assert cfg.model.llm.config["hidden_size"] == 128
+    cfg = load_train_config(str(REPO / "configs/train/finetune.yaml"), ["model=configs/model/tiny.yaml",
+                                                                        "model.llm.dtype=float32"])
+    assert cfg.model.llm.config["hidden_size"] == 64 and cfg.model.llm.dtype == "float32"
+
+
 @pytest.mark.parametrize("cfg,message", [
     ({"model": {}, "train": {"output_dir": "x"}, "trian": {}}, r"unknown section 'trian'"),
     ({"model": {}, "train": {"output_dir": "x", "lr": 1}}, r"train: unknown key 'lr'; valid keys: output_dir"),
