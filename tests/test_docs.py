@@ -1,6 +1,7 @@
-"""Docs: the configuration reference is current (and goes stale when a config field is added), the runnable examples
-run, the worked component example works as written, links resolve, and the Dockerfile installs exactly the pinned
-requirements and the package."""
+"""Docs: the configuration reference is current (and goes stale when a config field is added), every shell block of
+README.md and docs/*.md is run here or marked with what it needs (and the runnable ones run), the worked component
+example works as written, links resolve, and the Dockerfile installs exactly the pinned requirements and the
+package."""
 
 import dataclasses
 import importlib.util
