@@ -59,6 +59,10 @@ def _settings_hint(extra: list[str]) -> str:
             f"(dotted for nested keys, e.g. train.max_steps=10); --help lists the keys")
 
 
+# Commands that train or save models: transformers imports DeepSpeed (when installed) to unwrap a model it saves.
+_SAVING_COMMANDS = ("train", "demo", "export", "import")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug may stand anywhere on the line, so a failing command is rerun by adding it at the end.
@@ -73,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         hint = _settings_hint(extra) if hasattr(args, "overrides") and any(e.startswith("--") for e in extra) else ""
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    if args.command in _SAVING_COMMANDS:
+        from medm._accelerator import name_accelerator_for_deepspeed
+
+        name_accelerator_for_deepspeed()
     try:
         return int(args.func(args) or 0)
     except Exception as e:

@@ -2,12 +2,14 @@
 `medm --help` builds without torch, `medm train --help` lists the keys, and option-style settings get a hint."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from medm.cli import main
 
@@ -188,3 +190,17 @@ def test_export_of_a_folder_that_is_not_a_checkpoint_is_one_line(capsys, how, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(tmp_path / "empty") in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
+def test_commands_that_save_models_name_the_cpu_for_deepspeed(monkeypatch, tmp_path, capsys):
+    """So DeepSpeed, imported by transformers when it saves, does not guess and warn "Setting accelerator to CPU";
+    commands that save no model leave the variable alone."""
+    monkeypatch.setenv("DS_ACCELERATOR", "")  # records the state, restored after the test
+    monkeypatch.delenv("DS_ACCELERATOR")
+    (tmp_path / "labels.json").write_text('[{"study_id": "a"}, {"study_id": "b"}]')
+    assert main(["data", "split", str(tmp_path / "labels.json"), "--out", str(tmp_path / "split")]) == 0
+    assert "DS_ACCELERATOR" not in os.environ
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--merge", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert os.environ["DS_ACCELERATOR"] == "cpu"

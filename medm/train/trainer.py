@@ -17,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from medm._accelerator import name_accelerator_for_deepspeed
 from medm.config import ConfigError, from_dict
 from medm.data._bad_samples import bad_sample_count
 from medm.data.dataset import DataArgs
@@ -419,10 +420,7 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     """
     train = cfg.train
     device = resolve_device(train)
-    if not torch.cuda.is_available():
-        # DeepSpeed (which transformers imports to unwrap a model it saves) otherwise guesses the accelerator and
-        # warns "Setting accelerator to CPU" on every CPU run: say which it is.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_accelerator_for_deepspeed()  # before transformers imports DeepSpeed: no "Setting accelerator to CPU" guess
     resume = train.resume_from_checkpoint
     if resume is True and last_checkpoint(train.output_dir) is None:
         # A requeued job resumes with `true` whether or not its first run got as far as a checkpoint.
