@@ -234,9 +234,13 @@ def import_llava(src: str, out: str, *, llm_path: str | None = None, encoder_pat
     # LLaVA saves the tower under transformers 4.x names (`vision_model.*`); today's drop that level.
     hf_legacy_names(weights, "vision.model.", VISION.get(enc_name).model_class)
     tokenizer = load_tokenizer([llm_path, src] if projector_only else [src, llm_path], src)
-    if getattr(tokenizer, "legacy", None):
-        # transformers 5 reads `legacy: true` (Vicuna's, Mistral's tokenizer_config.json) but does not write it back;
-        # reopened without it, the SentencePiece space LLaVA's ids hold after <s> and <image> would be dropped.
+    if getattr(tokenizer, "legacy", None) is not None:
+        # LLaVA tokenizes the text around each <image> on its own (tokenizer_image_token), so every piece, the first
+        # after <s> included, starts with SentencePiece's space, whatever the tokenizer's `legacy` setting: the
+        # legacy prefix scheme (a space after every special token) gives those ids. (A `legacy: false` tokenizer,
+        # as LLaVA-1.5's, writes no space after a `</s>` inside a piece; see docs/migrating.md.) Written out
+        # explicitly: transformers 5 does not save `legacy: true` back.
+        tokenizer.legacy = True
         tokenizer.init_kwargs["legacy"] = True
     spec = ImportSpec(text_config=text_config, vision=vision, connector={"name": "mlp", "type": proj},
                       vision3d=None, connector3d=None, template=template or LLMS[cfg["model_type"]][1],
