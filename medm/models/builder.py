@@ -173,10 +173,6 @@ def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
     text_config = resolve_text_config(to_dict(llm))
     if llm.path is None:
         text_config.vocab_size = len(tokenizer)
-        # A random-init LLM takes its special token ids from the tokenizer (the Trainer would, with a warning).
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if getattr(tokenizer, key) is not None:
-                setattr(text_config, key, getattr(tokenizer, key))
     llm_settings = {"family": llm.family, "path": llm.path, "dtype": llm.dtype,
                     "attn_implementation": llm.attn_implementation, "trust_remote_code": llm.trust_remote_code,
                     "lora_target_modules": llm.lora_target_modules or LLM.get(llm.family).lora_target_modules}
@@ -192,6 +188,16 @@ def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
     pretrained = None if llm.path is None else load_llm(llm.path, text_config, llm.attn_implementation,
                                                         llm.trust_remote_code, quantization_config)
     model = MedMForConditionalGeneration(config, llm=pretrained)
+    if llm.path is None:
+        # A random-init LLM takes its special token ids from the tokenizer, as the Trainer would (with a warning).
+        # Set after the build, as the Trainer does: a pad id in the config at build time gives the embedding a
+        # padding_idx, whose init indexes a weight that ZeRO-3 has already partitioned away.
+        configs = {id(c): c for c in (model.config.get_text_config(), model.llm.config, model.generation_config,
+                                      getattr(model.llm, "generation_config", None)) if c is not None}
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key) is not None:
+                for c in configs.values():
+                    setattr(c, key, getattr(tokenizer, key))
     for slot in ("vision", "vision3d"):
         section = getattr(args, slot)
         if section and section.get("path"):

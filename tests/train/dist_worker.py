@@ -119,6 +119,10 @@ def main() -> None:
     ds_torch.build_shm_op = lambda: None
     for run in spec["runs"]:
         run_one(run)
+    from medm.train._distributed import finish_process_group
+
+    # As `medm train` does: no rank exits while the other still talks to it (gloo aborts the survivor with -6).
+    finish_process_group()
 
 
 if __name__ == "__main__":

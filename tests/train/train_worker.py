@@ -48,6 +48,9 @@ def main() -> None:
         # What this rank's first batch holds (each rank reads its own shard of the data).
         "first_batch_pixels": next(iter(trainer.get_train_dataloader()))["pixel_values"].cpu(),
     }, out / f"rank{rank}.pt")
+    from medm.train._distributed import finish_process_group
+
+    finish_process_group()  # as `medm train` does: no rank exits while the other still talks to it
 
 
 if __name__ == "__main__":
