@@ -27,6 +27,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from medm.data import jsonlist
+from medm.data.jsonlist import InvalidLine
+
 # The placeholder strings of the annotation format; `medm.models.builder.add_media_tokens` adds the same
 # strings to the tokenizer as special tokens (checked by tests/data/test_annotations.py).
 IMAGE_TOKEN = "<image>"
@@ -40,6 +43,10 @@ _SHAREGPT_KEYS = ("id", "images", "image3d", "messages", "system", "answer")
 
 class AnnotationError(ValueError):
     """A whole annotation file that cannot be read (bad JSON, wrong top-level type) or holds bad records."""
+
+
+# How the shared JSON-list reader names annotation files and what it raises for them.
+_FILE = {"what": "annotation file", "error": AnnotationError, "missing": AnnotationError}
 
 
 class RecordError(ValueError):
@@ -130,82 +137,17 @@ def resolve_path(path: str, image_dir: str | None) -> str:
 
 
 # ---- reading files --------------------------------------------------------------------------------------------
-@dataclass
-class InvalidLine:
-    """A JSONL line that does not decode (e.g. torn by a killed writer); the rest of the file stays readable."""
-
-    lineno: int
-    message: str
-
-
 def read_text(path: str) -> str:
-    """The text of an annotation file: UTF-8 (a byte-order mark is dropped), or UTF-16 / UTF-32 (found by their
-    byte-order mark or zero bytes, as `json.loads` does for bytes).
+    """The text of an annotation file: UTF-8 (a byte-order mark is dropped), or UTF-16 / UTF-32.
 
     Raises:
         AnnotationError: no such file, or bytes that are not text in that encoding (naming line and column).
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise AnnotationError(f"annotation file not found: {path}") from None
-    except IsADirectoryError:
-        raise AnnotationError(f"annotation file {path} is a directory") from None
-    encoding = json.detect_encoding(data)
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - data.rfind(b"\n", 0, e.start)
-        raise AnnotationError(f"{path}:{line}:{col}: not {encoding.upper().replace('-SIG', '')} text (byte "
-                              f"0x{data[e.start]:02x}): save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 "
-                              f"{os.path.basename(path)} > fixed.json` for a Latin-1 file") from None
-
-
-def _decode(text: str) -> Any:
-    """`json.loads`, with nesting too deep for Python's parser as a JSONDecodeError (not a RecursionError)."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise json.JSONDecodeError("nested too deeply (thousands of [ or {)", text, 0) from None
+    return jsonlist.read_text(path, **_FILE)
 
 
 def _read_items(path: str, keep_torn: bool) -> list[Any]:
-    text = read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            items = _decode(text)
-        except json.JSONDecodeError as e:
-            raise AnnotationError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-        if not isinstance(items, list):
-            raise AnnotationError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
-        return items
-    lines = text.splitlines()
-    if len([ln for ln in lines if ln.strip()]) > 1:
-        # One JSON value over several lines is a whole document, not JSONL: say what it is rather than
-        # reporting its first line as a broken JSONL line.
-        try:
-            whole = _decode(text)
-        except json.JSONDecodeError:
-            pass
-        else:
-            what = f"object (keys: {', '.join(map(str, list(whole)[:8]))})" if isinstance(whole, dict) else \
-                type(whole).__name__
-            raise AnnotationError(f"{path}: expected a JSON list of records or JSONL (one record per line), got one "
-                                  f"JSON {what} over {len(lines)} lines")
-    items = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(_decode(line))
-        except json.JSONDecodeError as e:
-            message = f"line {lineno}, column {e.colno}: invalid JSON (JSONL line): {e.msg}"
-            if not keep_torn:
-                raise AnnotationError(f"{path}:{lineno}:{e.colno}: invalid JSON (JSONL line): {e.msg}") from None
-            items.append(InvalidLine(lineno, message))
-    return items
+    return jsonlist.read_json_list(path, items="records", keep_torn=keep_torn, **_FILE)
 
 
 def read_json_records(path: str) -> list[Any]:

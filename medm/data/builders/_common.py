@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from medm.data import jsonlist
+
 
 class SourceError(ValueError):
     """A source file or row that cannot be converted; the message names the file, the row and the field."""
@@ -15,20 +17,12 @@ class SourceError(ValueError):
 
 def read_json(path: str, what: str) -> Any:
     """The decoded JSON of `path`; `what` names the source in errors ("SLAKE split file")."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    return jsonlist.read_json(path, what=what, error=SourceError)
 
 
 def read_json_list(path: str, what: str) -> list[Any]:
-    items = read_json(path, what)
-    if not isinstance(items, list):
-        raise SourceError(f"{path}: expected a JSON list, got {type(items).__name__}")
-    return items
+    """The items of a JSON list file; errors name the file, line and column."""
+    return jsonlist.read_json_list(path, what=what, jsonl=False, error=SourceError)
 
 
 def as_list(value: Any, option: str) -> list[Any]:

@@ -19,12 +19,12 @@ letter, `choice_rule: medxpertqa`.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from medm.data.builders._common import SourceError, as_list, check_images, text_field
 from medm.data.builders._mc import check_unique, choice_record, write_splits
+from medm.data.jsonlist import read_json_list
 from medm.registry import BUILDER
 
 RULE = "medxpertqa"
@@ -32,17 +32,7 @@ _MAPPED = ("id", "question", "options", "label", "images")
 
 
 def read_jsonl(path: str) -> list[Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MedXpertQA file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SourceError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-    return rows
+    return read_json_list(path, what="MedXpertQA file", items="questions", error=SourceError)
 
 
 def convert_row(row: Any, split: str, where: str, image_folder: str) -> dict[str, Any]:

@@ -28,12 +28,12 @@ every test image also appears in training questions (the README counts them).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from typing import Any
 
 from medm.data.annotations import IMAGE_TOKEN, write_json_records
+from medm.data.jsonlist import read_json_list
 from medm.registry import BUILDER
 
 PUBLIC_FILE = "VQA_RAD Dataset Public.json"
@@ -108,16 +108,7 @@ def convert_row(row: dict[str, Any], split: str, where: str,
 
 
 def _read_rows(path: str) -> list[dict[str, Any]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQA-RAD file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise VqaRadError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    if not isinstance(rows, list):
-        raise VqaRadError(f"{path}: expected a JSON list of questions, got {type(rows).__name__}")
-    return rows
+    return read_json_list(path, what="VQA-RAD file", items="questions", jsonl=False, error=VqaRadError)
 
 
 def _convert_file(path: str, split: str, image_prefix: str, fix_counts: Counter) -> list[dict[str, Any]]:

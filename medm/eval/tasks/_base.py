@@ -3,13 +3,12 @@ broken down, and what its report says."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from medm.data.annotations import Record, load_records
+from medm.data.jsonlist import read_json_list
 
 
 class TaskError(ValueError):
@@ -45,17 +44,8 @@ def row_name(row: dict[str, Any], index: int) -> str:
 
 
 def read_source_rows(path: str, what: str) -> list[Any]:
-    """A benchmark's published JSON list file; errors name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    if not isinstance(rows, list):
-        raise TaskError(f"{path}: expected a JSON list of {what} questions, got {type(rows).__name__}")
-    return rows
+    """A benchmark's published JSON list file; errors name the file, line and column."""
+    return read_json_list(path, what=f"{what} file", items=f"{what} questions", jsonl=False, error=TaskError)
 
 
 class Task:
