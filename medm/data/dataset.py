@@ -18,11 +18,13 @@ from PIL import Image
 
 from medm.config import arg
 from medm.data._bad_samples import BadSamples, SkipsBadSamples
+from medm.data._encoded import EncodingLog
 from medm.data._media import image_tensor, volume_tensor
 from medm.data.annotations import Record, load_records, resolve_path
 from medm.data.images import ImageLoadError
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
 from medm.data.volumes import VolumeLoadError
+from medm.registry import KIND, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -103,32 +105,21 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
         self.sizes = self.format.media_sizes(num_image_tokens, num_image3d_tokens)
         self._check_media_support(records, num_image_tokens, num_image3d_tokens)
         self.samples: list[_Sample] = []
-        errors: list[TemplateError] = []
-        self.num_dropped = 0
-        dropped_ids: list[str] = []
+        log = EncodingLog()
         for rec in records:
             try:
                 ids, labels = self.format.encode(rec)
             except TemplateError as e:
-                errors.append(e)
+                log.failed(e)
                 continue
             full, lab, kept = expand_media(ids, labels, self.sizes, max_length)
             if all(v == IGNORE_INDEX for v in lab):
-                self.num_dropped += 1
-                if len(dropped_ids) < 5:
-                    dropped_ids.append(rec.id)
+                log.dropped(rec.id)
                 continue
             self.samples.append(_Sample(rec, array("l", ids), array("l", labels), len(full),
                                         kept.get(self.format.image_id, 0), kept.get(self.format.image3d_id, 0)))
-        if errors:
-            shown = "\n  ".join(str(e) for e in errors[:10])
-            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-            raise TemplateError(f"{len(errors)} of {len(records)} record(s) cannot be encoded exactly:\n  "
-                                f"{shown}{more}")
-        if self.num_dropped:
-            logger.warning("dropped %d of %d record(s) left with no supervised token (no assistant answer within "
-                           "max_length=%d), e.g. %s", self.num_dropped, len(records), max_length,
-                           ", ".join(repr(i) for i in dropped_ids))
+        log.finish(len(records), max_length, logger)
+        self.num_dropped = log.num_dropped
         self.bad_samples = BadSamples(len(self.samples), max_bad_samples)
         logger.info("conversation dataset: %d samples from %d records, %d dropped", len(self.samples), len(records),
                     self.num_dropped)
@@ -197,12 +188,13 @@ def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
     """The dataset for a model: its template, system prompt, image token counts and encoder preprocessing.
 
     `data_args.template` / `data_args.system_prompt` override the model's `config.template` / `system_prompt`.
-    A model that renders records with its own processor (the qwen-vl kind, medm.qwenvl) builds its own dataset.
+    The model's kind builds it (`ModelKind.build_dataset`): the qwen-vl kind renders records with its processor.
     """
-    from medm.registry import VISION
+    return KIND.get(model.medm_kind).build_dataset(data_args, model, tokenizer)
 
-    if hasattr(model, "build_dataset"):
-        return model.build_dataset(data_args, tokenizer)
+
+def build_conversation_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
+    """`build_dataset` for the medm kind: records through the model's template and encoder preprocessing."""
     if not data_args.path:
         raise ValueError("data.path: give the annotation file(s) to train or evaluate on")
     cfg = model.config

@@ -30,6 +30,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from medm.data._bad_samples import BadSamples, SkipsBadSamples
+from medm.data._encoded import EncodingLog
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record, load_records, resolve_path
 from medm.data.collator import DataCollator
 from medm.data.images import ImageLoadError, is_dicom, load_image
@@ -291,9 +292,8 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
         if volumes is not None:
             raise ValueError(f"record {volumes!r} has 3D volumes (`image3d`); Qwen-VL models take 2D images only")
         self.samples: list[_Sample] = []
-        self.num_dropped = 0
         sizes: dict[str, Size] = {}
-        errors: list[TemplateError] = []
+        log = EncodingLog()
         unreadable: list[tuple[int, ImageLoadError]] = []
         for rec in records:
             try:
@@ -306,21 +306,15 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
             try:
                 ids, labels = self.inputs.encode(rec, geometries)
             except TemplateError as e:
-                errors.append(e)
+                log.failed(e)
                 continue
             full, lab, kept = self.inputs.expand(ids, labels, geometries, max_length)
             if all(v == IGNORE_INDEX for v in lab):
-                self.num_dropped += 1
+                log.dropped(rec.id)
                 continue
             self.samples.append(_Sample(rec, geometries, array("l", ids), array("l", labels), len(full), kept))
-        if errors:
-            shown = "\n  ".join(str(e) for e in errors[:10])
-            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-            raise TemplateError(f"{len(errors)} of {len(records)} record(s) cannot be encoded exactly:\n  "
-                                f"{shown}{more}")
-        if self.num_dropped:
-            logger.warning("dropped %d of %d record(s) left with no supervised token (no assistant answer within "
-                           "max_length=%d)", self.num_dropped, len(records), max_length)
+        log.finish(len(records), max_length, logger)
+        self.num_dropped = log.num_dropped
         # A bad sample's length is unknown; the longest lets any good sample of its modality stand in for it.
         longest = max((s.length for s in self.samples), default=0)
         for j, _ in unreadable:

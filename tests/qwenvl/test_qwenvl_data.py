@@ -215,3 +215,13 @@ def test_unreadable_images_are_bad_samples_counted_and_replaced(qwen25, tmp_path
     assert ds[4]["pixel_values"] is None and ds.bad_samples.count == 2
     with pytest.raises(TooManyBadSamples, match="2 of 5 samples failed to load"):
         QwenVLDataset(recs, processor, box_format="json_resized", image_dir=str(tmp_path), max_bad_samples=1)[2]
+
+
+def test_records_with_no_answer_within_max_length_are_dropped_by_name(qwen25, tmp_path, caplog):
+    # The Qwen-VL dataset reports dropped records as the conversation dataset does (one shared EncodingLog).
+    _, processor = qwen25
+    recs = [_record("short", None, [("Hi?", "yes")]), _record("long", None, [("word " * 60, "no")])]
+    with caplog.at_level(logging.WARNING, logger="medm.qwenvl.data"):
+        ds = QwenVLDataset(recs, processor, box_format="json_resized", max_length=40)
+    assert len(ds) == 1 and ds.num_dropped == 1 and ds.samples[0].record.id == "short"
+    assert "dropped 1 of 2 record(s)" in caplog.text and "max_length=40" in caplog.text and "'long'" in caplog.text
