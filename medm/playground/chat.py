@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
 from medm.infer import GenerationSettings
-from medm.models.builder import IMAGE3D_TOKEN, IMAGE_TOKEN
 from medm.playground.media import Upload
 
 __all__ = ["EMPTY_ANSWER", "Session"]

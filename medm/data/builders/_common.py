@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from medm.data import jsonlist
+from medm.data.annotations import IMAGE_TOKEN
 
 
 class SourceError(ValueError):
@@ -113,7 +114,7 @@ def qa_record(rid: str, image: str, question: str, answer: str, answer_type: str
     """One single-turn VQA record; `fields` are the source's other fields, kept as written."""
     record: dict[str, Any] = {
         "id": rid, "image": [image],
-        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}],
         "answer": answer, "answer_type": answer_type, "question": question,
     }
     record.update(fields or {})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from medm.data.annotations import IMAGE_TOKEN
 from medm.registry import BUILDER
 
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
@@ -103,12 +104,12 @@ def build_phantoms(out: str, n_train: int = 4000, n_test: int = 200, size: int =
         for j, (kind, q, a) in enumerate(_questions(lesions)):
             splits[split].append({
                 "id": f"phantom_{i:05d}_{j}", "image": [name], "question_type": kind, "answer": a,
-                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+                "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}"}, {"from": "gpt", "value": a}],
             })
         if split == "train":
             splits["captions"].append({
                 "id": f"phantom_{i:05d}_cap", "image": [name],
-                "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\nDescribe the image."},
                                   {"from": "gpt", "value": _caption(lesions)}],
             })
     paths = {}

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from medm.data.annotations import IMAGE3D_TOKEN
 from medm.registry import BUILDER
 
 SIDES = ("left", "right")
@@ -155,12 +156,12 @@ def build_phantoms3d(out: str, n_train: int = 2000, n_test: int = 200,
             splits[split].append({
                 "id": f"phantom3d_{i:05d}_{j}", "image3d": [name], "question_type": kind, "answer": a,
                 "lesions": meta,
-                "conversations": [{"from": "human", "value": f"<image3d>\n{q}"}, {"from": "gpt", "value": a}],
+                "conversations": [{"from": "human", "value": f"{IMAGE3D_TOKEN}\n{q}"}, {"from": "gpt", "value": a}],
             })
         if split == "train":
             splits["captions"].append({
                 "id": f"phantom3d_{i:05d}_cap", "image3d": [name], "lesions": meta,
-                "conversations": [{"from": "human", "value": "<image3d>\nDescribe the volume."},
+                "conversations": [{"from": "human", "value": f"{IMAGE3D_TOKEN}\nDescribe the volume."},
                                   {"from": "gpt", "value": _caption(lesions)}],
             })
     paths = {}
