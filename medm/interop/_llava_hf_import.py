@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ from medm.interop._llava_hf_format import (
     _RESAMPLE_CODES,
     _VISION,
     DTYPE_NAMES,
-    MODEL_YAML,
     ImportFormatError,
     _assign,
     _on_meta,
@@ -27,6 +25,7 @@ from medm.interop._llava_hf_format import (
     list_content_adapter,
     split_export_template,
 )
+from medm.interop._source import fit_vocabulary, write_model_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -225,40 +224,10 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
     _assign(model, state, f"{src} -> medm")
     if getattr(text_config, "tie_word_embeddings", False):
         model.llm.tie_weights()
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        model.llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    elif len(tokenizer) < rows:
-        # Embedding rows past the vocabulary (padding to a multiple of 64, ...) get placeholder tokens, so
-        # `model.yaml`, which sizes the vocabulary from the tokenizer, rebuilds exactly these shapes.
-        n = rows - len(tokenizer)
-        tokenizer.add_special_tokens({"additional_special_tokens": [f"<|medm_unused_{i}|>" for i in range(n)]},
-                                     replace_extra_special_tokens=False)
-        logger.info("%s: %d embedding rows have no token; added <|medm_unused_0..%d|> for them", src, n, n - 1)
+    fit_vocabulary(model, tokenizer, src)
     save_model(model.eval(), tokenizer, out)
     model_yaml = write_model_yaml(model.config, out)
     write_model_card(out, config=model.config, fmt="full", source=src, notes=[
         f"Imported from the transformers LLaVA checkpoint `{src}` with `medm import llava-hf`.",
         f"Train on from these weights: `medm train TRAIN.yaml model={model_yaml} stage.init_from={out}`."])
     return out
-
-
-def write_model_yaml(config, out: str) -> str:
-    """`OUT/model.yaml`: the model config that `medm train` builds this checkpoint's architecture from (its
-    weights then come from `stage.init_from=OUT`)."""
-    import yaml
-
-    text = {k: v for k, v in config.text_config.to_diff_dict().items()
-            if k not in ("transformers_version", "architectures", "dtype", "_name_or_path")}
-    text["model_type"] = config.text_config.model_type
-    llm = config.llm
-    cfg = {"llm": {"family": llm["family"], "config": text, "tokenizer": os.path.abspath(out), "dtype": llm["dtype"],
-                   "attn_implementation": llm.get("attn_implementation", "sdpa")},
-           "vision": dict(config.vision), "connector": dict(config.connector), "template": config.template,
-           "system_prompt": config.system_prompt}
-    path = os.path.join(out, MODEL_YAML)
-    with open(path, "w") as f:
-        f.write("# The architecture of the medm checkpoint in this directory; continue training from its weights:\n"
-                f"#   medm train TRAIN.yaml model={path} stage.init_from={os.path.abspath(out)}\n")
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    return path

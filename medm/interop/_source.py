@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from medm.interop.llava_hf import ImportFormatError
+from medm.interop._llava_hf_format import DTYPE_NAMES, MODEL_YAML, ImportFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ _SINGLE = ("model.safetensors", "pytorch_model.bin")
 # Keys a config dict carries that are not architecture (or that transformers writes itself).
 _NOT_ARCHITECTURE = ("transformers_version", "_name_or_path", "architectures", "model_name_or_path",
                      "model_name_or_path2", "auto_map", "torch_dtype", "dtype", "_attn_implementation_autoset")
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ def write_medm_checkpoint(spec: ImportSpec, src: str, out: str, *, fmt: str, fam
     emb = state.get("llm.model.embed_tokens.weight")
     stored = emb.dtype if emb is not None else next(iter(state.values())).dtype
     fam = family or (text_config.model_type if text_config.model_type in LLM.names() else "auto")
-    llm = {"family": fam, "path": None, "dtype": _DTYPE_NAMES.get(stored, "float32"), "attn_implementation": "sdpa",
+    llm = {"family": fam, "path": None, "dtype": DTYPE_NAMES.get(stored, "float32"), "attn_implementation": "sdpa",
            "trust_remote_code": False, "lora_target_modules": LLM.get(fam).lora_target_modules}
     register_auto_classes()
     vision, vision3d = (_resolved(section) for section in (spec.vision, spec.vision3d))
@@ -329,15 +328,7 @@ def write_medm_checkpoint(spec: ImportSpec, src: str, out: str, *, fmt: str, fam
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.llm.tie_weights()
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        model.llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    elif len(tokenizer) < rows:
-        # Rows past the vocabulary get placeholder tokens, so `model.yaml` (vocabulary sized from the tokenizer)
-        # rebuilds exactly these shapes.
-        n = rows - len(tokenizer)
-        tokenizer.add_special_tokens({"additional_special_tokens": [f"<|medm_unused_{i}|>" for i in range(n)]},
-                                     replace_extra_special_tokens=False)
+    fit_vocabulary(model, tokenizer, src)
     save_model(model.eval(), tokenizer, out)
     model_yaml = write_model_yaml(model.config, out)
     if weights.unused:
@@ -364,6 +355,20 @@ def _resolved(section: dict | None) -> dict | None:
     return {"name": section["name"], **{k: v for k, v in resolved.items() if k != "name"}}
 
 
+def fit_vocabulary(model, tokenizer, src: str) -> None:
+    """Make the embedding rows and the tokenizer agree: a larger tokenizer grows the embeddings (mean-initialised
+    rows); embedding rows past the vocabulary (padding to a multiple of 64, ...) get placeholder tokens
+    `<|medm_unused_i|>`, so `model.yaml`, which sizes the vocabulary from the tokenizer, rebuilds these shapes."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        model.llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    elif len(tokenizer) < rows:
+        n = rows - len(tokenizer)
+        tokenizer.add_special_tokens({"additional_special_tokens": [f"<|medm_unused_{i}|>" for i in range(n)]},
+                                     replace_extra_special_tokens=False)
+        logger.info("%s: %d embedding rows have no token; added <|medm_unused_0..%d|> for them", src, n, n - 1)
+
+
 def write_model_yaml(config, out: str) -> str:
     """`OUT/model.yaml`: the model config `medm train` builds this checkpoint's architecture from (its weights then
     come from `stage.init_from=OUT`); every tower section the model has, 2D and 3D."""
@@ -380,7 +385,7 @@ def write_model_yaml(config, out: str) -> str:
         if getattr(config, slot) is not None:
             cfg[slot] = dict(getattr(config, slot))
     cfg.update(template=config.template, system_prompt=config.system_prompt)
-    path = os.path.join(out, "model.yaml")
+    path = os.path.join(out, MODEL_YAML)
     with open(path, "w") as f:
         f.write("# The architecture of the medm checkpoint in this directory; continue training from its weights:\n"
                 f"#   medm train TRAIN.yaml model={path} stage.init_from={os.path.abspath(out)}\n")
