@@ -7,7 +7,8 @@ import pytest
 
 from medm.cli import main
 from medm.data.builders._common import SourceError
-from medm.data.builders.spine import LEVELS, build_spine, load_labels, write_synthetic_spine
+from medm.data.builders.spine import LEVELS, build_spine, load_labels
+from medm.data.builders.spine_synthetic import write_synthetic_spine
 from medm.eval.tasks.spine import SpineTask, macro_f1, parse_class, score_spine
 
 PER_STUDY = 1 + 1 + 5 + 5 + 5  # qd, sl, zjppt and zyzg per level, positioning per level

@@ -17,5 +17,6 @@ from medm.data.builders import (
     pmc_vqa,  # noqa: F401
     slake,  # noqa: F401
     spine,  # noqa: F401
+    spine_synthetic,  # noqa: F401
     vqa_rad,  # noqa: F401
 )
