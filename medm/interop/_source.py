@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
 from medm.interop._llava_hf_format import DTYPE_NAMES, MODEL_YAML, ImportFormatError
 
 logger = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def write_medm_checkpoint(spec: ImportSpec, src: str, out: str, *, fmt: str, fam
     `{{ bos_token }}` (and the config names no template), so the ids match the source's too.
     """
     from medm.interop.model_card import write_model_card
-    from medm.models.builder import IMAGE3D_TOKEN, IMAGE_TOKEN, add_media_tokens, save_model
+    from medm.models.builder import add_media_tokens, save_model
     from medm.models.configuration_medm import MedMConfig
     from medm.models.llm import resolve_dtype
     from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
