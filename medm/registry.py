@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -70,12 +72,33 @@ REGISTRIES = {"vision": VISION, "connector": CONNECTOR, "llm": LLM, "template": 
               "task": TASK}
 
 
+# Plugin folders: every module there whose name does not start with `_` registers its components when imported, so a
+# new component is one file in its folder (no import line to add). Registries filled by one module list it here.
+PLUGIN_FOLDERS = ("medm.models.vision", "medm.models.connectors", "medm.data.builders", "medm.eval.tasks")
+PLUGIN_MODULES = ("medm.models.llm", "medm.data.templates")
+_loaded = False
+
+
+def import_folder(package: str) -> list[str]:
+    """Import every public module (name not starting with `_`) of a package folder; returns their names."""
+    pkg = importlib.import_module(package)
+    names = sorted(info.name for info in pkgutil.iter_modules(pkg.__path__) if not info.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
+
+
 def _load_components() -> None:
-    # Registration happens when a component's module is imported; import the packages that hold
-    # them on first lookup, so `medm.registry` itself stays import-cheap.
-    import medm.data.builders  # noqa: F401
-    import medm.data.templates  # noqa: F401
-    import medm.eval.tasks  # noqa: F401
-    import medm.models.connectors  # noqa: F401
-    import medm.models.llm  # noqa: F401
-    import medm.models.vision  # noqa: F401
+    # On first lookup, not at import, so `medm.registry` itself (and `medm --help`) stays import-cheap.
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True  # set first: a component module that looks a name up while loading must not recurse
+    try:
+        for module in PLUGIN_MODULES:
+            importlib.import_module(module)
+        for package in PLUGIN_FOLDERS:
+            import_folder(package)
+    except BaseException:
+        _loaded = False  # the next lookup raises the import error again instead of seeing a partial registry
+        raise

@@ -103,8 +103,9 @@ def dataclass_table(cls: type) -> list[str]:
 
 def component_table(cls: type, skip: set[str]) -> list[str]:
     """One row per constructor parameter of a registered component (its config keys)."""
-    owner = next(c for c in cls.__mro__ if "__init__" in c.__dict__)
-    docs = {**docstring_args(owner), **docstring_args(cls)}
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a preset's constructor may narrow its base's: the nearest `Args:` wins
+        docs.update(docstring_args(base))
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, p in inspect.signature(cls.__init__).parameters.items():
         if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -211,51 +210,67 @@ def test_runnable_and_synopsis_blocks_run(tmp_path):
     assert not failed, "\n".join(failed)
 
 
-def _walk_through_adding_a_component(monkeypatch):
-    """docs/adding_a_component.md: its encoder file registers, its YAML validates and builds as a tiny twin, and its
-    tests pass. The registration goes into a copy of the registry without the example's name (a reader who followed
-    the page ships `dinov2` already), so nothing leaks into other tests and nothing collides."""
+def _walk_through_adding_a_component(monkeypatch, tmp_path):
+    """docs/adding_a_component.md: its DINOv2 YAML (no Python) validates and builds as a tiny twin; its connector file,
+    dropped into a plugin folder with no import line anywhere, registers at the next first lookup; its tests pass.
+    The folder is a fresh package added to the registry's plugin folders, and the registration goes into a copy of
+    the registry without the example's name (a reader who followed the page ships `pixel_shuffle` already), so
+    nothing leaks into other tests and nothing collides."""
+    import uuid
+
+    from medm import registry
     from medm.models import build_model, parse_model_args
-    from medm.models import tiny as tiny_module
-    from medm.registry import VISION
+    from medm.models.tiny import tiny_overrides
+    from medm.registry import CONNECTOR
 
     blocks = dict(EXAMPLE.findall((REPO / "docs" / "adding_a_component.md").read_text()))
-    assert set(blocks) == {"encoder", "model-yaml", "tiny", "test"}
-    VISION.names()  # load the shipped components first
-    monkeypatch.setattr(VISION, "_items", {k: v for k, v in VISION._items.items() if k != "dinov2"})
-    monkeypatch.setattr(tiny_module, "TINY_VISION", {**tiny_module.TINY_VISION, **eval("{" + blocks["tiny"] + "}")})
-    exec(compile(blocks["encoder"], "dinov2.py", "exec"), types.ModuleType("dinov2").__dict__)
-    assert "dinov2" in VISION.names()
+    assert set(blocks) == {"model-yaml", "connector", "test"}
+    # The encoder: one YAML through `hf`.
     cfg = yaml.safe_load(blocks["model-yaml"])
+    assert cfg["vision"]["name"] == "hf" and cfg["vision"]["model_type"] == "dinov2"
     parse_model_args(cfg, "dinov2-qwen2.5-0.5b.yaml")  # the real config validates as written
-    model, _ = build_model(tiny_module.tiny_overrides(cfg))
-    assert model.config.vision["name"] == "dinov2" and model.num_image_tokens == 4  # 4x4 grid pooled by 2
-    # select_layer -1: every block reaches the features, the final norm does not
-    assert model.vision.unused_parameter_names() == ["model.layernorm.weight", "model.layernorm.bias"]
+    model, _ = build_model(tiny_overrides(cfg))
+    assert type(model.vision.model).__name__ == "Dinov2Model" and model.num_image_tokens == 4  # 4x4 grid pooled by 2
+    # select_layer -1: every block reaches the features; the final norm and the pretraining mask token do not
+    assert model.vision.unused_parameter_names() == ["model.embeddings.mask_token", "model.layernorm.weight",
+                                                     "model.layernorm.bias"]
+    # The connector: one file in a plugin folder, found at the first lookup.
+    CONNECTOR.names()  # load the shipped components first
+    package = f"walkthrough_{uuid.uuid4().hex}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "pixel_shuffle.py").write_text(blocks["connector"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(CONNECTOR, "_items", {k: v for k, v in CONNECTOR._items.items() if k != "pixel_shuffle"})
+    monkeypatch.setattr(registry, "PLUGIN_FOLDERS", (*registry.PLUGIN_FOLDERS, package))
+    monkeypatch.setattr(registry, "_loaded", False)
+    assert "pixel_shuffle" in CONNECTOR.names()
+    assert CONNECTOR.get("pixel_shuffle").__module__ == f"{package}.pixel_shuffle"
     namespace: dict = {}
-    exec(compile(blocks["test"], "test_vision_dinov2.py", "exec"), namespace)
+    exec(compile(blocks["test"], "test_walkthrough.py", "exec"), namespace)
     tests = [f for name, f in namespace.items() if name.startswith("test_")]
-    assert len(tests) == 2
+    assert len(tests) == 3
     for test in tests:
         test()
 
 
-def test_the_component_walkthrough_works_as_written(monkeypatch):
-    _walk_through_adding_a_component(monkeypatch)
+def test_the_component_walkthrough_works_as_written(monkeypatch, tmp_path):
+    _walk_through_adding_a_component(monkeypatch, tmp_path)
 
 
-def test_the_component_walkthrough_still_works_once_followed(monkeypatch):
-    """After a reader added medm/models/vision/dinov2.py, the docs test must not fail with 'already registered'."""
-    from medm.registry import VISION
+def test_the_component_walkthrough_still_works_once_followed(monkeypatch, tmp_path):
+    """After a reader added medm/models/connectors/pixel_shuffle.py, the docs test must not fail with 'already
+    registered'."""
+    from medm.registry import CONNECTOR
 
-    VISION.names()
+    CONNECTOR.names()
 
-    class Shipped:  # what the reader's own dinov2.py registered
+    class Shipped:  # what the reader's own pixel_shuffle.py registered
         pass
 
-    monkeypatch.setattr(VISION, "_items", {**VISION._items, "dinov2": Shipped})
-    _walk_through_adding_a_component(monkeypatch)
-    assert VISION._items["dinov2"] is not Shipped  # the page's class was the one tested
+    monkeypatch.setattr(CONNECTOR, "_items", {**CONNECTOR._items, "pixel_shuffle": Shipped})
+    _walk_through_adding_a_component(monkeypatch, tmp_path)
+    assert CONNECTOR._items["pixel_shuffle"] is not Shipped  # the page's class was the one tested
 
 
 def _slug(heading: str) -> str:

@@ -16,7 +16,7 @@ from medm.models._hub import require_available
 from medm.models.configuration_medm import MedMConfig
 from medm.models.llm import load_llm, remote_code, resolve_dtype, resolve_text_config
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
-from medm.models.vision._hf import HFVisionEncoder
+from medm.models.vision._hf import HFEncoder
 from medm.qwenvl.args import QwenVLArgs
 from medm.registry import CONNECTOR, LLM, TEMPLATE, VISION
 
@@ -160,7 +160,7 @@ def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
             require_available(args.llm.tokenizer, "model.llm.tokenizer", "tokenizer_config.json")
         for slot in ("vision", "vision3d"):  # encoders whose `path` is a transformers checkpoint
             section = getattr(args, slot)
-            if section and section.get("path") and issubclass(VISION.get(section["name"]), HFVisionEncoder):
+            if section and section.get("path") and issubclass(VISION.get(section["name"]), HFEncoder):
                 require_available(section["path"], f"model.{slot}.path")
     if args.kind == "qwen-vl":
         from medm.qwenvl.model import build_qwenvl

@@ -47,25 +47,6 @@ left right both neither anterior posterior superior inferior medial lateral bila
 opacity effusion edema hemorrhage infarct tumor cyst calcification atelectasis cardiomegaly
 """
 
-TINY_VISION: dict[str, dict[str, Any]] = {
-    "clip": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "num_channels": 3}},
-    "siglip": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "num_channels": 3,
-                          "vision_use_head": False}},
-    # model_name null: the architecture is model_cfg alone (a real preset's model_name would pick its mean/std).
-    "open_clip": {"model_name": None, "model_cfg": {"embed_dim": 32, "quick_gelu": False, "vision_cfg": {
-        "image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0}}},
-    "timm": {"model_name": "vit_base_patch16_224", "image_size": 32, "model_args": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}},
-    # 3D: a 16x32x32 volume in 4x8x8 patches (grid 4x4x4 = 64); the tiny clip over 4 slices of 32x32 (grid 4x4x4).
-    "vit3d": {"image_size": [16, 32, 32], "patch_size": [4, 8, 8], "hidden_size": 32, "num_layers": 2,
-              "num_heads": 2, "mlp_dim": 64},
-    "slices": {"encoder": {"name": "clip", "config": {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "image_size": 32, "patch_size": 8, "num_channels": 3}}, "num_slices": 4},
-}
-
 TINY_LLM: dict[str, dict[str, Any]] = {
     "qwen2": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
@@ -79,13 +60,6 @@ TINY_LLM: dict[str, dict[str, Any]] = {
     "phi": {"model_type": "phi", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "vocab_size": 1024, "max_position_embeddings": 2048,
             "tie_word_embeddings": False},
-}
-
-# Small settings per connector (merged over `{"name": ...}`) so tests build each one fast on the tiny grids.
-TINY_CONNECTOR: dict[str, dict[str, Any]] = {
-    "mlp": {"type": "mlp2x_gelu"},
-    "spatial_pool": {"pool": "avg", "stride": 2},
-    "attention_pool": {"num_queries": 4, "num_heads": 2},
 }
 
 # Which tiny chat format matches each LLM family's real tokenizer.
@@ -117,11 +91,39 @@ def tiny_tokenizer(chat_template: str = "chatml", vocab_size: int = 1024, extra_
                                    clean_up_tokenization_spaces=False, **specials)
 
 
-def tiny_vision(name: str) -> dict[str, Any]:
-    """Tiny settings for a registered encoder (merged over its config section)."""
-    if name not in TINY_VISION:
-        raise KeyError(f"no tiny preset for vision encoder {name!r}; have: {', '.join(TINY_VISION)}")
-    return copy.deepcopy(TINY_VISION[name])
+def tiny_vision(name: str, section: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tiny settings for a registered encoder (merged over its config section): its class's `tiny()`, in its own file.
+
+    Args:
+        section: the config section being replaced, for settings the twin keeps (the `hf` encoder's `model_type`).
+    """
+    from medm.registry import VISION
+
+    try:
+        return copy.deepcopy(VISION.get(name).tiny(section))
+    except NotImplementedError as e:
+        raise KeyError(str(e)) from None
+
+
+def tiny_connector(name: str) -> dict[str, Any]:
+    """Small settings (merged over `{"name": ...}`) of a registered connector: its class's `tiny()`."""
+    from medm.registry import CONNECTOR
+
+    try:
+        return copy.deepcopy(CONNECTOR.get(name).tiny())
+    except NotImplementedError as e:
+        raise KeyError(str(e)) from None
+
+
+def __getattr__(name: str) -> Any:
+    # The former central tables, now gathered from each component's own `tiny()` when asked for.
+    from medm.registry import CONNECTOR, VISION
+
+    if name == "TINY_VISION":
+        return {n: tiny_vision(n) for n in VISION.names() if n != "hf"}
+    if name == "TINY_CONNECTOR":
+        return {n: tiny_connector(n) for n in CONNECTOR.names()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tiny_llm(family: str) -> dict[str, Any]:
@@ -149,9 +151,9 @@ def tiny_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
                attn_implementation="sdpa")
     for slot in ("vision", "vision3d"):
         if cfg.get(slot):
-            cfg[slot].pop("path", None)
-            cfg[slot].pop("config", None)
-            cfg[slot].update(tiny_vision(cfg[slot]["name"]))
+            section = cfg[slot]
+            cfg[slot] = {k: v for k, v in section.items() if k not in ("path", "config")}
+            cfg[slot].update(tiny_vision(section["name"], section))
     return cfg
 
 

@@ -1,5 +1,5 @@
 """Evaluation tasks, one benchmark or kind of task per file, registered by name in `medm.registry.TASK`
-(`medm eval --task NAME`, `medm list`).
+(`medm eval --task NAME`, `medm list`); `medm.registry` imports every public module of this folder at first lookup.
 
 - `vqa`: closed / open VQA on any predictions file with answers; `vqa-rad`, `slake`, `pathvqa`: the same scoring,
   plus a reader of each benchmark's published file (`medm infer --layout NAME`) and its own breakdowns and notes.
@@ -9,23 +9,6 @@
   `mmmu`, `m3d-vqa-closed`. Text: `iu-xray`, `report-zh` (by character), `m3d-vqa-open`, `m3d-cap`. `flare25`.
 """
 
-from medm.eval.tasks import (  # noqa: F401  (registers them)
-    flare25,
-    grounding,
-    iu_xray,
-    m3d,
-    medxpertqa,
-    mmmu,
-    omnimedvqa,
-    pathvqa,
-    pmc_vqa,
-    report,
-    report_zh,
-    slake,
-    spine,
-    vqa,
-    vqa_rad,
-)
 from medm.eval.tasks._base import Breakdown, Column, Task, TaskError
 
 __all__ = ["Breakdown", "Column", "Task", "TaskError"]

@@ -1,6 +1,5 @@
-"""Connectors, one file each; importing this package registers them."""
+"""Connectors, one file each: `medm.registry` imports every public module of this folder at first lookup."""
 
-from medm.models.connectors import attention_pool, mlp, spatial_pool  # noqa: F401
 from medm.models.connectors._base import Connector
 from medm.models.connectors._mlp import build_mlp, parse_mlp_type
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import nn
 
@@ -28,6 +29,11 @@ class Connector(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         if self.needs_full_grid:
             self.check_full_grid()
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        """Small settings (merged over `{"name": ...}`) so tests build the connector fast on the tiny grids."""
+        raise NotImplementedError(f"connector {getattr(cls, 'registry_name', cls.__name__)!r} has no tiny preset")
 
     def check_full_grid(self) -> None:
         """Raise when the features are not a full grid (the encoder dropped grid tokens)."""

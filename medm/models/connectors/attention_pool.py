@@ -22,6 +22,8 @@ In both, every input token (prefix tokens included) is a key.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -60,6 +62,10 @@ class AttentionPoolConnector(Connector):
     """
 
     needs_full_grid = False  # `medm-vl` attends without positions; `qwen` checks the grid itself
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"num_queries": 4, "num_heads": 2}
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, ...], num_prefix_tokens: int = 0,
                  num_queries: int = 256, num_heads: int = 8, mlp_type: str = "mlp2x_gelu", layout: str = "qwen",

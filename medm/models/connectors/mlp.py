@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from medm.models.connectors._base import Connector
@@ -14,6 +16,10 @@ class MLPConnector(Connector):
     """`type`: `linear` or `mlp{N}x_{act}` (e.g. `mlp2x_gelu`). Emits one token per input token."""
 
     needs_full_grid = False  # token by token: the features need not form a grid
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"type": "mlp2x_gelu"}
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, ...], num_prefix_tokens: int = 0,
                  type: str = "mlp2x_gelu"):

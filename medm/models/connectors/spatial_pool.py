@@ -7,6 +7,7 @@ tokens before `mlp2x_gelu`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,10 @@ class SpatialPoolConnector(Connector):
     Output: `num_tokens = (num_prefix_tokens if prefix == keep else 0) + prod(pooled grid)`, where each pooled
     axis is `grid / stride` (rounded down with `floor`, up with `ceil`).
     """
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"pool": "avg", "stride": 2}
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, ...], num_prefix_tokens: int = 0,
                  pool: str = "avg", stride: int | list[int] = 2, mlp_type: str = "mlp2x_gelu", prefix: str = "drop",

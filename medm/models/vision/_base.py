@@ -118,6 +118,12 @@ class VisionEncoder(nn.Module):
         """The encoder's image preprocessing, from its resolved config alone (no weights needed)."""
         raise NotImplementedError
 
+    @classmethod
+    def tiny(cls, section: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Settings of a tiny, offline twin (random weights, seconds to build) merged over the encoder's section
+        (`section`: the config section it replaces, for settings the twin keeps), for tests and `tiny_overrides`."""
+        raise NotImplementedError(f"vision encoder {getattr(cls, 'registry_name', cls.__name__)!r} has no tiny preset")
+
     def load_pretrained(self, path: str) -> None:
         """Load weights from a local directory or file (or hub id where the network allows)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load pretrained weights")

@@ -138,6 +138,12 @@ class OpenCLIPEncoder(VisionEncoder):
         return out["image_intermediates"][0], None if prefix is None else prefix[0]
 
     @classmethod
+    def tiny(cls, section: dict[str, Any] | None = None) -> dict[str, Any]:
+        # model_name null: the architecture is model_cfg alone (a real preset's model_name would pick its mean/std)
+        return {"model_name": None, "model_cfg": {"embed_dim": 32, "quick_gelu": False, "vision_cfg": {
+            "image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0}}}
+
+    @classmethod
     def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg = dict(cfg)
         if cfg.get("model_cfg") is None:

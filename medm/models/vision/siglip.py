@@ -1,4 +1,6 @@
-"""HF SigLIP vision tower (`vision.name: siglip`)."""
+"""HF SigLIP vision tower (`vision.name: siglip`): the `hf` encoder with `model_type: siglip_vision_model` pinned."""
+
+from typing import Any
 
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -16,9 +18,13 @@ class SiglipEncoder(HFVisionEncoder):
     Default mean/std are SigLIP's (0.5, 0.5, 0.5).
     """
 
+    model_type = "siglip_vision_model"
     config_class = SiglipVisionConfig
     model_class = SiglipVisionModel
-    after_layers = ("post_layernorm", "head")
     num_cls_tokens = 0
-    default_mean = (0.5, 0.5, 0.5)
-    default_std = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def tiny(cls, section: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "num_channels": 3,
+                           "vision_use_head": False}}

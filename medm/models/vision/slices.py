@@ -70,6 +70,11 @@ class SliceEncoder(VisionEncoder):
         self.num_prefix_tokens = num_slices * self.slice_prefix
 
     @classmethod
+    def tiny(cls, section: dict[str, Any] | None = None) -> dict[str, Any]:
+        # the tiny clip over 4 slices of 32x32: grid 4x4x4
+        return {"encoder": {"name": "clip", **VISION.get("clip").tiny()}, "num_slices": 4}
+
+    @classmethod
     def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """The 2D encoder's settings resolved by its own `resolve_config`; `path` defaults to `encoder.path`."""
         from medm.config import to_dict

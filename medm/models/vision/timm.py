@@ -105,6 +105,11 @@ class TimmEncoder(VisionEncoder):
         return timm_layer(model, x, self.select_layer)
 
     @classmethod
+    def tiny(cls, section: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"model_name": "vit_base_patch16_224", "image_size": 32, "model_args": {
+            "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}}
+
+    @classmethod
     def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg = dict(cfg)
         if not cfg.get("model_name"):

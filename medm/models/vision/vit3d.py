@@ -265,6 +265,12 @@ class ViT3DEncoder(VisionEncoder):
 
     # ---- config and preprocessing -----------------------------------------------------------------------------
     @classmethod
+    def tiny(cls, section: dict[str, Any] | None = None) -> dict[str, Any]:
+        # a 16x32x32 volume in 4x8x8 patches: grid 4x4x4 = 64
+        return {"image_size": [16, 32, 32], "patch_size": [4, 8, 8], "hidden_size": 32, "num_layers": 2,
+                "num_heads": 2, "mlp_dim": 64}
+
+    @classmethod
     def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """Every architecture and volume setting filled in (defaults written out), so the saved config alone
         rebuilds the encoder and its preprocessing even if a default changes later."""
