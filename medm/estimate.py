@@ -58,6 +58,7 @@ from medm._estimate_math import (  # noqa: F401  (tests and benchmarks import th
     vision_loads,
     zero_settings,
 )
+from medm.registry import KIND
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +76,9 @@ def _offline_model_args(model_args):
     from medm.registry import VISION
 
     args = copy.deepcopy(model_args)
-    if args.kind != "medm":
-        q = args.qwenvl
-        if q.path is not None:
-            from transformers import AutoConfig
-
-            hf = _needs_files(lambda: AutoConfig.from_pretrained(q.path, trust_remote_code=q.trust_remote_code),
-                              "model.qwenvl.path", q.path)
-            q.config = {"model_type": hf.model_type, **hf.to_diff_dict()}
-            q.processor = q.processor or q.path
-            q.path = None
-        return args, None
+    offline = KIND.get(args.kind).estimate_offline_args
+    if offline is not None:
+        return offline(args, _needs_files), None
     llm = args.llm
     vocab = None
     if llm.path is not None:
@@ -225,8 +218,8 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
         plan.llm = LORA
         modes = resolve_plan(model, plan)
     half = train.bf16 or train.fp16
-    param_dtype = resolve_dtype(cfg.model.llm.dtype) if cfg.model.kind == "medm" else resolve_dtype(
-        cfg.model.qwenvl.dtype)
+    llm_dtype, attn = KIND.get(cfg.model.kind).llm_settings(cfg.model)
+    param_dtype = resolve_dtype(llm_dtype)
     model = apply_plan(model, plan, torch.bfloat16 if train.bf16 else torch.float16 if train.fp16 else torch.float32)
     params = count_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -259,7 +252,6 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
     encoders = [e for e in ("vision", "vision3d") if getattr(_base(model), e, None) is not None]
     images = {e: (1 if images_per_sample is None else images_per_sample) for e in encoders}
     loads = vision_loads(model, modes, images)
-    attn = (cfg.model.llm.attn_implementation if cfg.model.kind == "medm" else cfg.model.qwenvl.attn_implementation)
     llm_mode = modes.get("llm")
     kwargs = dict(compute_bytes=compute_bytes, attn=attn, checkpointing=train.gradient_checkpointing,
                   linears_train=llm_mode is not None and llm_mode.trains, vision=loads,
@@ -288,8 +280,6 @@ def load_config(path: str, overrides: list[str] | None = None, tiny: bool = Fals
     cfg = load_train_config(path, overrides)
     if tiny:
         model = {k: v for k, v in to_dict(cfg.model).items() if v is not None}
-        if model.get("kind") != "medm":
-            model.pop("llm", None)  # the qwen-vl kind is configured in its own section only
         cfg.model = parse_model_args(tiny_overrides(model), f"{path}: model (tiny)")
     return cfg
 

@@ -67,15 +67,19 @@ LLM = Registry("LLM family")
 TEMPLATE = Registry("chat template")
 BUILDER = Registry("data builder")
 TASK = Registry("eval task")
+# Model kinds (medm.models.kind.ModelKind): how a model config builds, a checkpoint loads, records become a dataset
+# and a model answers; `model.kind` in the YAML names one.
+KIND = Registry("model kind")
+DEFAULT_KIND = "medm"  # `model.kind` when unset; also the kind of a checkpoint no other kind claims
 
 REGISTRIES = {"vision": VISION, "connector": CONNECTOR, "llm": LLM, "template": TEMPLATE, "builder": BUILDER,
-              "task": TASK}
+              "task": TASK, "kind": KIND}
 
 
 # Plugin folders: every module there whose name does not start with `_` registers its components when imported, so a
 # new component is one file in its folder (no import line to add). Registries filled by one module list it here.
 PLUGIN_FOLDERS = ("medm.models.vision", "medm.models.connectors", "medm.data.builders", "medm.eval.tasks")
-PLUGIN_MODULES = ("medm.models.llm", "medm.data.templates")
+PLUGIN_MODULES = ("medm.models.llm", "medm.data.templates", "medm.models.kind", "medm.qwenvl.kind")
 _loaded = False
 
 

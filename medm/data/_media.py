@@ -14,6 +14,7 @@ import torch
 
 from medm.data.images import ImageLoadError, load_image
 from medm.data.volumes import VolumeLoadError
+from medm.registry import KIND
 
 __all__ = ["ModelMedia", "check_media", "image_tensor", "load_model_media", "volume_tensor"]
 
@@ -65,14 +66,15 @@ def load_model_media(path: str) -> ModelMedia:
     from medm.registry import VISION
 
     if os.path.isdir(path):
-        from medm.qwenvl.model import is_qwenvl_checkpoint
+        from medm.models.checkpoint import checkpoint_kind
 
         file = os.path.join(path, "config.json")
         with open(file, encoding="utf-8") as f:
             cfg = json.load(f)
-        if is_qwenvl_checkpoint(path):
-            raise ValueError(f"{path}: a Qwen-VL checkpoint; its processor prepares images, so --model checks only "
-                             "medm-kind models")
+        kind = checkpoint_kind(path)
+        if KIND.get(kind).own_processor:
+            raise ValueError(f"{path}: a {kind} checkpoint; its processor prepares images, so --model checks only "
+                             "models whose encoders do")
         sections = {k: cfg.get(k) for k in ("vision", "vision3d")}
     else:
         sections = _yaml_sections(path)
@@ -104,9 +106,9 @@ def _yaml_sections(path: str) -> dict[str, Any]:
         model = load_train_config(path).model
     else:
         model = parse_model_args(data, path)
-    if model.kind != "medm":
+    if KIND.get(model.kind).own_processor:
         raise ConfigError(f"{path}: model kind {model.kind!r}; its processor prepares images, so --model checks only "
-                          "medm-kind models")
+                          "models whose encoders do")
     return {"vision": model.vision, "vision3d": model.vision3d}
 
 

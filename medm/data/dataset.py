@@ -24,6 +24,7 @@ from medm.data.annotations import Record, load_records, resolve_path
 from medm.data.images import ImageLoadError
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
 from medm.data.volumes import VolumeLoadError
+from medm.registry import KIND, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +188,13 @@ def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
     """The dataset for a model: its template, system prompt, image token counts and encoder preprocessing.
 
     `data_args.template` / `data_args.system_prompt` override the model's `config.template` / `system_prompt`.
-    A model that renders records with its own processor (the qwen-vl kind, medm.qwenvl) builds its own dataset.
+    The model's kind builds it (`ModelKind.build_dataset`): the qwen-vl kind renders records with its processor.
     """
-    from medm.registry import VISION
+    return KIND.get(model.medm_kind).build_dataset(data_args, model, tokenizer)
 
-    if hasattr(model, "build_dataset"):
-        return model.build_dataset(data_args, tokenizer)
+
+def build_conversation_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
+    """`build_dataset` for the medm kind: records through the model's template and encoder preprocessing."""
     if not data_args.path:
         raise ValueError("data.path: give the annotation file(s) to train or evaluate on")
     cfg = model.config

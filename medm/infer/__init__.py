@@ -7,6 +7,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "GenerationSettings": "medm.infer.generate", "Predictor": "medm.infer.generate",
+    "predictor_for": "medm.infer.generate", "stream_text": "medm.infer.generate",
     **{name: "medm.infer.predictions" for name in (
         "InferenceResult", "PredictionFileError", "load_predictions", "prediction_row", "question_text",
         "read_predictions", "run_inference")},

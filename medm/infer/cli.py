@@ -41,16 +41,16 @@ def open_predictor(args: argparse.Namespace, image_dir: str | None = None):
     `--system-prompt` and `--trust-remote-code`: how `medm infer`, `medm chat` and `medm serve` open a model."""
     import torch
 
-    from medm.infer.generate import Predictor
-    from medm.train.checkpoint import load_trained
+    from medm.infer.generate import predictor_for
+    from medm.models.checkpoint import load_trained
 
     device = args.device
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processing = load_trained(args.model, dtype=args.dtype, device=device, base=args.base,
                                      trust_remote_code=getattr(args, "trust_remote_code", False))
-    return Predictor(model, processing, template=args.template, system_prompt=args.system_prompt,
-                     image_dir=image_dir)
+    return predictor_for(model, processing, template=args.template, system_prompt=args.system_prompt,
+                         image_dir=image_dir)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:

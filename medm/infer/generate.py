@@ -15,7 +15,8 @@ from medm.data.annotations import Record, resolve_path
 from medm.data.images import ImageLoadError
 from medm.data.templates import ChatFormat, expand_media
 from medm.data.volumes import VolumeLoadError
-from medm.registry import VISION
+from medm.models.checkpoint import load_trained
+from medm.registry import KIND, VISION
 
 # What reading one record's media may raise: with `predict(on_error=...)`, that record alone goes unanswered.
 MEDIA_ERRORS = (ImageLoadError, VolumeLoadError, OSError, MemoryError)
@@ -45,15 +46,9 @@ class Predictor:
         template, system_prompt: override the model config's (e.g. to match how a stage was trained).
         image_dir: base directory of relative image paths in records.
 
-    A model that renders records with its own processor (the qwen-vl kind) names its Predictor subclass through
-    `predictor_class()`; `Predictor(model, processor)` and `Predictor.from_pretrained` then build that one.
+    Each model kind names its Predictor (`ModelKind.predictor`: the qwen-vl kind's renders records with its
+    processor); `predictor_for(model, tokenizer)` and `Predictor.from_pretrained` build that one.
     """
-
-    def __new__(cls, model, *args, **kwargs):
-        own = getattr(model, "predictor_class", None)
-        if cls is Predictor and own is not None:
-            cls = own()
-        return super().__new__(cls)
 
     def __init__(self, model, tokenizer, *, template: str | None = None, system_prompt: str | None = None,
                  image_dir: str | None = None):
@@ -73,12 +68,10 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str | None = None, device: str | None = None,
                         trust_remote_code: bool = False, **kwargs) -> Predictor:
-        """Open any training checkpoint (`medm.train.checkpoint.load_trained`); `dtype` None keeps the saved one;
-        `trust_remote_code` runs Python files the checkpoint ships (off unless the user asks)."""
-        from medm.train.checkpoint import load_trained
-
+        """Open any checkpoint (`medm.models.checkpoint.load_trained`) with its kind's Predictor; `dtype` None
+        keeps the saved one; `trust_remote_code` runs Python files the checkpoint ships (off unless the user asks)."""
         model, tokenizer = load_trained(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, **kwargs)
+        return predictor_for(model, tokenizer, **kwargs) if cls is Predictor else cls(model, tokenizer, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -212,21 +205,33 @@ class Predictor:
         pixel_values = self.images(images or [])
         pixel_values_3d = self.volumes(volumes or [])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
+        yield from stream_text(lambda: self.generate_ids([prompt], pixel_values, settings, streamer,
+                                                         pixel_values_3d=pixel_values_3d), streamer)
 
-        def run() -> None:
-            try:
-                self.generate_ids([prompt], pixel_values, settings, streamer, pixel_values_3d=pixel_values_3d)
-            except BaseException as e:  # surfaced in the caller's thread below
-                errors.append(e)
-                streamer.end()
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text
-        worker.join()
-        if errors:
-            raise errors[0]
+def predictor_for(model, tokenizer, **kwargs) -> Predictor:
+    """The Predictor of `model`'s kind (`model.medm_kind` in medm.registry.KIND) with `Predictor`'s arguments."""
+    return KIND.get(model.medm_kind).predictor()(model, tokenizer, **kwargs)
+
+
+def stream_text(generate: Callable[[], object], streamer: TextIteratorStreamer) -> Iterator[str]:
+    """Run `generate()` (which feeds `streamer`) in a thread and yield the text as it grows, piece by piece; an
+    error raised by `generate` is raised here, in the caller's thread, once the stream ends."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            generate()
+        except BaseException as e:  # surfaced in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    worker.join()
+    if errors:
+        raise errors[0]

@@ -182,7 +182,7 @@ def run_inference(model: str | Predictor, records: Sequence[Record], out: str, *
     """Answer `records` in batches and append one row per record to the JSONL file `out` as it goes.
 
     Args:
-        model: a checkpoint directory (any format `medm.train.checkpoint.load_trained` opens) or a `Predictor`.
+        model: a checkpoint directory (any format `medm.models.checkpoint.load_trained` opens) or a `Predictor`.
         records: the questions, in order; ids must be unique.
         data: the records' source, named in errors.
         image_dir: base directory of relative image paths (ignored when `model` is a Predictor).

@@ -11,7 +11,7 @@ _EXPORTS = {
     "import_llava_hf": "medm.interop.llava_hf", "llava_config": "medm.interop.llava_hf",
     "to_llava": "medm.interop.llava_hf", "to_llava_state_dict": "medm.interop.llava_hf",
     "from_llava_state_dict": "medm.interop.llava_hf",
-    "ModelCardCallback": "medm.interop.model_card", "render_model_card": "medm.interop.model_card",
+    "render_model_card": "medm.interop.model_card",
     "write_model_card": "medm.interop.model_card",
 }
 

@@ -1,4 +1,4 @@
-"""`medm import llava-hf | medm-vl | tinyllava SRC OUT`: another format's checkpoint becomes a medm checkpoint.
+"""`medm import llava-hf | medm-vl | tinyllava | llava SRC OUT`: another format's checkpoint becomes a medm checkpoint.
 
     medm import llava-hf /models/llava-interleave-qwen-0.5b-hf runs/imported
     medm import medm-vl /models/MedM-VL-CT-Chest-3B-en runs/ct-chest --image3d-slices 32
@@ -6,7 +6,11 @@
     medm import llava /models/llava-med-v1.5-mistral-7b runs/llava-med --encoder-path /models/clip-vit-large-patch14-336
     medm train configs/train/finetune_lora.yaml model=runs/imported/model.yaml stage.init_from=runs/imported
 
-(`medm export --to llava-hf` is the other direction; it lives with `medm export` in medm.train.cli.)
+`medm export --merge | --to llava-hf SRC OUT` is the other direction: a training checkpoint becomes a standalone
+medm model or transformers' LLaVA format.
+
+    medm export --merge runs/finetune_lora runs/finetune_lora_merged
+    medm export --to llava-hf runs/finetune_lora runs/finetune_llava --eval-metrics runs/eval/metrics.json
 """
 
 from __future__ import annotations
@@ -60,6 +64,34 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("medm").setLevel(logging.INFO)
+    if args.to is None and not args.merge:
+        print("error: give --merge (a standalone medm model) or --to llava-hf (transformers' LLaVA format)",
+              file=sys.stderr)
+        return 2
+    if args.to == "llava-hf":
+        from medm.interop.llava_hf import ExportError, export_llava_hf
+
+        try:
+            out = export_llava_hf(args.src, args.out, base=args.base, eval_metrics=args.eval_metrics)
+        except (ExportError, OSError, ValueError) as e:  # OSError / ValueError: SRC is not a medm checkpoint
+            print(f"error: cannot export {args.src} to llava-hf: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        print(f"transformers LLaVA model written to {out}")
+        return 0
+    from medm.interop.merge import export_merged
+
+    out = export_merged(args.src, args.out, base=args.base)
+    if args.eval_metrics:
+        from medm.interop.model_card import write_model_card
+
+        write_model_card(out, fmt="full", source=args.src, eval_metrics=args.eval_metrics)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "import", help="turn another format's checkpoint into a medm checkpoint",
@@ -99,3 +131,20 @@ def add_parsers(subparsers) -> None:
                         "era: the stored values, uint8 for CT-Chest); default: hu for the current config format "
                         "(lvlm_ keys), stored for the released one")
     p.set_defaults(func=_cmd_import)
+
+    p = subparsers.add_parser("export", help="write a standalone model from a training checkpoint",
+                              description="medm export --merge SRC OUT: fold a LoRA adapter (or a connector-only "
+                                          "checkpoint) into its base weights; OUT opens with medm.models.load_model. "
+                                          "medm export --to llava-hf SRC OUT: the same merge, written as transformers' "
+                                          "LlavaForConditionalGeneration + LlavaProcessor (CLIP / SigLIP tower, mlp "
+                                          "connector); parts that format cannot hold are refused with the reason.")
+    p.add_argument("--merge", action="store_true", help="merge adapters / components into the base (a medm model)")
+    p.add_argument("--to", choices=["llava-hf"], default=None,
+                   help="write another format (adapters are merged first): llava-hf = transformers' LLaVA")
+    p.add_argument("--eval-metrics", nargs="+", default=None, metavar="METRICS_JSON",
+                   help="medm eval metrics.json files to show in OUT's README.md model card")
+    p.add_argument("--base", default=None, help="full checkpoint holding the base weights (default: the one the "
+                                                "checkpoint's medm_checkpoint.json names)")
+    p.add_argument("src", help="training checkpoint directory (output_dir or a checkpoint-N)")
+    p.add_argument("out", help="output directory")
+    p.set_defaults(func=_cmd_export)

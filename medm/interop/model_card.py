@@ -20,11 +20,13 @@ import os
 from typing import Any
 
 import yaml
-from transformers import TrainerCallback
+
+from medm.models.checkpoint import read_meta
 
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
+METRICS_FILE = "metrics.jsonl"  # what medm.train.metrics.MetricsJsonl logs, one JSON record per line
 EVAL_FILE = "metrics.json"
 TRAINER_STATE = "trainer_state.json"
 
@@ -94,11 +96,23 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def read_metrics(output_dir: str) -> list[dict]:
+    """The logged records, one per step (a resumed run re-logs steps after its checkpoint: the last one wins)."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    by_step: dict[tuple[int, bool], dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                by_step[(rec["step"], "loss" in rec)] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def training_figures(ckpt_dir: str | None, state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Final loss, steps, epochs, tokens and runtime from a TrainerState (given, or trainer_state.json in the
     directory) and the directory's metrics.jsonl; keys are left out where nothing records them."""
-    from medm.train.metrics import read_metrics
-
     if state is None and ckpt_dir and os.path.isfile(os.path.join(ckpt_dir, TRAINER_STATE)):
         with open(os.path.join(ckpt_dir, TRAINER_STATE)) as f:
             state = json.load(f)
@@ -358,8 +372,6 @@ def write_model_card(ckpt_dir: str, *, config=None, fmt: str | None = None, sour
         register_auto_classes()
         config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
     if fmt is None:
-        from medm.train.checkpoint import read_meta
-
         fmt = read_meta(ckpt_dir)["format"]
     meta: dict[str, Any] = {"format": fmt}
     if source:
@@ -390,48 +402,3 @@ def write_model_card(ckpt_dir: str, *, config=None, fmt: str | None = None, sour
     with open(path, "w") as f:
         f.write(render_model_card(ckpt_dir, meta, config, notes))
     return path
-
-
-class ModelCardCallback(TrainerCallback):
-    """Writes the card of every checkpoint-N a run saves, and of its output_dir when training ends (the final
-    weights are saved there right after).
-
-    Args:
-        train_config: the run's `TrainConfig` (data files and stage plan for the card).
-    """
-
-    def __init__(self, train_config):
-        self.train_config = train_config
-
-    def _write(self, ckpt_dir: str, state, model) -> None:
-        from medm.train.stages import checkpoint_format, resolve_plan
-
-        if not state.is_world_process_zero or model is None:
-            return
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        try:
-            modes = resolve_plan(base, self.train_config.stage)
-            write_model_card(ckpt_dir, config=base.config, fmt=checkpoint_format(modes),
-                             train_config=self.train_config, state=state,
-                             modes={k: m.kind + (f":{m.blocks}" if m.blocks else "") for k, m in modes.items()})
-        except Exception as e:  # a card must never cost a run its final weights (saved after on_train_end)
-            logger.warning("could not write the model card %s: %s: %s", os.path.join(ckpt_dir, CARD_FILE),
-                           type(e).__name__, e)
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt):
-            self._write(ckpt, state, model)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._write(args.output_dir, state, model)
-        if model is not None and hasattr(model, "create_or_update_model_card"):
-            # The final adapter is saved right after this, and PEFT's save_pretrained then rewrites README.md as a
-            # generic PEFT card (its own tags, an empty base_model); write ours again after it.
-            peft_update = model.create_or_update_model_card
-
-            def update(output_dir: str) -> None:
-                peft_update(output_dir)
-                self._write(output_dir, state, model)
-
-            model.create_or_update_model_card = update

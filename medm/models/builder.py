@@ -1,32 +1,34 @@
-"""Assemble a medm model and its tokenizer from a model config, and save / load checkpoints."""
+"""Assemble a model and its tokenizer from a model config (the medm kind here; other kinds through `KIND`)."""
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from medm.config import ConfigError, arg, from_dict, to_dict
 from medm.models._hub import require_available
+from medm.models.checkpoint import (  # noqa: F401  (their old home; medm.models.checkpoint is theirs now)
+    checkpoint_kind,
+    load_model,
+    load_processing,
+    refuse_missing_weights,
+    save_model,
+)
 from medm.models.configuration_medm import MedMConfig
 from medm.models.llm import load_llm, remote_code, resolve_dtype, resolve_text_config
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
 from medm.models.vision._hf import HFEncoder
 from medm.qwenvl.args import QwenVLArgs
-from medm.registry import CONNECTOR, LLM, TEMPLATE, VISION
+from medm.registry import CONNECTOR, KIND, LLM, TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 IMAGE3D_TOKEN = "<image3d>"
-# `medm`: vision encoder -> connector -> any causal LM (this module); `qwen-vl`: a Qwen-VL model and its processor
-# (medm.qwenvl), configured in the `qwenvl` section.
-KINDS = ("medm", "qwen-vl")
 # Constructor arguments a connector gets from the model, not from its config section.
 _CONNECTOR_GEOMETRY = {"self", "in_dim", "out_dim", "grid", "num_prefix_tokens"}
 
@@ -64,18 +66,16 @@ class ModelArgs:
 
 
 def parse_model_args(cfg: dict[str, Any], where: str = "model") -> ModelArgs:
+    """ModelArgs from a model config mapping, checked by its kind (`ModelKind.check`)."""
     args = from_dict(ModelArgs, cfg, where)
-    if args.kind not in KINDS:
-        raise ConfigError(f"{where}.kind: {args.kind!r}; valid: {', '.join(KINDS)}")
-    if args.kind == "qwen-vl":
-        # The Qwen-VL model brings its own tower, merger, LLM and chat template.
-        other = [k for k in ("llm", "vision", "connector", "vision3d", "connector3d", "template")
-                 if cfg.get(k) is not None]
-        if other or args.qwenvl is None:
-            raise ConfigError(f"{where}: kind qwen-vl is configured in the `qwenvl` section only" +
-                              (f"; remove `{other[0]}`" if other else "; add it"))
-        args.qwenvl.check(f"{where}.qwenvl")
-        return args
+    if args.kind not in KIND:
+        raise ConfigError(f"{where}.kind: {args.kind!r}; valid: {', '.join(KIND.names())}")
+    KIND.get(args.kind).check(args, cfg, where)
+    return args
+
+
+def check_medm_args(args: ModelArgs, cfg: dict[str, Any], where: str) -> None:
+    """The medm kind's config check: registered names, each component's keys, encoders with their connectors."""
     if args.qwenvl is not None:
         raise ConfigError(f"{where}.qwenvl: only for kind qwen-vl (kind is {args.kind!r})")
     for key, reg, name in (("llm.family", LLM, args.llm.family), ("template", TEMPLATE, args.template)):
@@ -103,7 +103,6 @@ def parse_model_args(cfg: dict[str, Any], where: str = "model") -> ModelArgs:
     for slot, pair in (("vision", "connector"), ("vision3d", "connector3d")):
         if (getattr(args, slot) is None) != (getattr(args, pair) is None):
             raise ConfigError(f"{where}: `{slot}` and `{pair}` come together: set both or neither")
-    return args
 
 
 def load_tokenizer(llm: LLMArgs) -> PreTrainedTokenizerBase:
@@ -134,9 +133,8 @@ def _resolve_component(section: dict | None, reg) -> dict | None:
     return {"name": section["name"], **{k: v for k, v in resolved.items() if k != "name"}}
 
 
-def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
-                ) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
-    """A model and tokenizer from a model config; pretrained parts load from their `path`s.
+def build_model(args: ModelArgs | dict[str, Any], quantization_config=None):
+    """A model and tokenizer from a model config, built by its kind; pretrained parts load from their `path`s.
 
     For kind `qwen-vl` the pair is a Qwen-VL model (medm.qwenvl.model) and its processor, which stands where the
     tokenizer does (it saves with the checkpoint and holds the tokenizer as `.tokenizer`).
@@ -147,25 +145,25 @@ def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
     """
     if isinstance(args, dict):
         args = parse_model_args(args)
-    if quantization_config is not None and (args.qwenvl.path if args.kind == "qwen-vl" else args.llm.path) is None:
-        where = "model.qwenvl.path" if args.kind == "qwen-vl" else "model.llm.path"
-        raise ConfigError(f"stage.llm: qlora quantizes pretrained weights as they load, but {where} is not set (a "
+    kind = KIND.get(args.kind)
+    path, setting = kind.pretrained_path(args)
+    if quantization_config is not None and path is None:
+        raise ConfigError(f"stage.llm: qlora quantizes pretrained weights as they load, but {setting} is not set (a "
                           "random-init LLM from its config); use lora, or set the path")
     # A hub model that is not on disk fails here, naming its setting, when it cannot be downloaded.
-    if args.kind == "qwen-vl":
-        require_available(getattr(args.qwenvl, "path", None), "model.qwenvl.path")
-    else:
-        require_available(args.llm.path, "model.llm.path")
-        if args.llm.tiny_tokenizer is None and args.llm.tokenizer:
-            require_available(args.llm.tokenizer, "model.llm.tokenizer", "tokenizer_config.json")
-        for slot in ("vision", "vision3d"):  # encoders whose `path` is a transformers checkpoint
-            section = getattr(args, slot)
-            if section and section.get("path") and issubclass(VISION.get(section["name"]), HFEncoder):
-                require_available(section["path"], f"model.{slot}.path")
-    if args.kind == "qwen-vl":
-        from medm.qwenvl.model import build_qwenvl
+    require_available(path, setting)
+    return kind.build(args, quantization_config)
 
-        return build_qwenvl(args.qwenvl, args.system_prompt, quantization_config=quantization_config)
+
+def build_medm(args: ModelArgs, quantization_config=None
+               ) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
+    """`build_model` for the medm kind: encoder(s) + connector(s) + causal LM, and its tokenizer."""
+    if args.llm.tiny_tokenizer is None and args.llm.tokenizer:
+        require_available(args.llm.tokenizer, "model.llm.tokenizer", "tokenizer_config.json")
+    for slot in ("vision", "vision3d"):  # encoders whose `path` is a transformers checkpoint
+        section = getattr(args, slot)
+        if section and section.get("path") and issubclass(VISION.get(section["name"]), HFEncoder):
+            require_available(section["path"], f"model.{slot}.path")
     register_auto_classes()
     llm = args.llm
     tokenizer = load_tokenizer(llm)
@@ -209,63 +207,3 @@ def build_model(args: ModelArgs | dict[str, Any], quantization_config=None
         # (ZeRO-3 partitioned weights take their dtype from the DeepSpeed config instead.)
         model.to(resolve_dtype(llm.dtype))
     return model, tokenizer
-
-
-def save_model(model: MedMForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
-    """A self-contained checkpoint: config.json, safetensors weights, tokenizer."""
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-
-
-def load_model(path: str, dtype: str | None = None, device: str | torch.device | None = None,
-               trust_remote_code: bool = False) -> tuple[MedMForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Reopen a checkpoint written by `save_model` (no hub access; safetensors only); either kind.
-
-    Args:
-        trust_remote_code: run Python files the checkpoint ships (`auto_map` in its configs); off unless the
-            user says so (`--trust-remote-code`), whatever the saved config says.
-
-    Raises:
-        ValueError: the weights lack tensors the model has (e.g. the connector's): never loaded as random ones.
-    """
-    if checkpoint_kind(path) == "qwen-vl":
-        from medm.qwenvl.model import load_qwenvl
-
-        return load_qwenvl(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    register_auto_classes()
-    config = MedMConfig.from_pretrained(path)
-    config.llm = {**(config.llm or {}), "trust_remote_code": remote_code(trust_remote_code, path)}
-    model, info = MedMForConditionalGeneration.from_pretrained(path, config=config, use_safetensors=True,
-                                                               output_loading_info=True,
-                                                               dtype=resolve_dtype(dtype) if dtype else None)
-    refuse_missing_weights(path, info)
-    if device is not None:
-        model.to(device)
-    return model, load_processing(path, trust_remote_code)
-
-
-def refuse_missing_weights(path: str, loading_info: dict) -> None:
-    """Raise ValueError naming the weights a checkpoint lacks (`from_pretrained(output_loading_info=True)`):
-    transformers would start them at random and answer anyway, and a model without its connector answers noise."""
-    missing = sorted(loading_info["missing_keys"])
-    if missing:
-        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weight(s) this model needs: {shown}. A "
-                         "truncated copy or an incomplete save? Use a complete checkpoint directory")
-
-
-def checkpoint_kind(path: str) -> str:
-    """The model kind a checkpoint directory holds: `qwen-vl` when its config.json carries medm's Qwen-VL settings."""
-    from medm.qwenvl.model import is_qwenvl_checkpoint
-
-    return "qwen-vl" if is_qwenvl_checkpoint(path) else "medm"
-
-
-def load_processing(path: str, trust_remote_code: bool = False):
-    """The tokenizer (medm kind) or processor (qwen-vl kind) saved in a checkpoint directory."""
-    if checkpoint_kind(path) == "qwen-vl":
-        from medm.qwenvl.model import load_qwenvl_processor
-
-        return load_qwenvl_processor(path, trust_remote_code)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

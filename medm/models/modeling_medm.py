@@ -100,6 +100,8 @@ class MedMForConditionalGeneration(MedMPreTrainedModel, GenerationMixin):
     image of the batch in reading order, `pixel_values_3d` every volume.
     """
 
+    medm_kind = "medm"  # its entry in medm.registry.KIND (medm.models.kind)
+
     def __init__(self, config: MedMConfig, llm: PreTrainedModel | None = None):
         """`llm`: an LLM already loaded (medm.models.builder passes the pretrained one, so a random one of the same
         size is never built first); None: built from `config.text_config` with random weights."""

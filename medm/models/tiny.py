@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from medm.models._chat_templates import CHAT_TEMPLATES
+from medm.registry import DEFAULT_KIND, KIND
 
 # Special tokens of the three chat formats, so one tiny tokenizer can carry any of their templates.
 _SPECIALS = {
@@ -137,12 +138,14 @@ def tiny_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """Turn any model config (e.g. a real 3B preset) into its tiny, offline twin of the same shape.
 
     Paths are dropped, each component gets its tiny architecture, and the tokenizer is trained in-process
-    with the chat format of the LLM family. Component names, connector types and selections are kept.
+    with the chat format of the LLM family. Component names, connector types and selections are kept. The model's
+    kind makes the twin (`ModelKind.tiny_overrides`).
     """
-    if model_cfg.get("kind") == "qwen-vl":
-        from medm.qwenvl.tiny import tiny_qwenvl_overrides
+    return KIND.get(model_cfg.get("kind") or DEFAULT_KIND).tiny_overrides(model_cfg)
 
-        return tiny_qwenvl_overrides(model_cfg)
+
+def tiny_medm_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`tiny_overrides` for the medm kind: tiny LLM of the family, tiny encoders, in-process tokenizer."""
     cfg = copy.deepcopy(model_cfg)
     llm = cfg.setdefault("llm", {})
     family = llm.get("family", "auto")

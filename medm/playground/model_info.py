@@ -50,8 +50,7 @@ def _figures_text(fig: dict[str, Any]) -> str:
 def model_rows(ckpt_dir: str) -> list[tuple[str, str]]:
     """(label, value) rows describing a checkpoint: kind, format, parts, stage, data, training, evaluation, source."""
     from medm.interop.model_card import components, read_card_metadata
-    from medm.models.builder import checkpoint_kind
-    from medm.train.checkpoint import read_meta
+    from medm.models.checkpoint import checkpoint_kind, read_meta
 
     config = _config(ckpt_dir)
     meta = read_meta(ckpt_dir)

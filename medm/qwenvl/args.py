@@ -1,13 +1,17 @@
-"""`QwenVLArgs`: the `qwenvl:` section of a model config whose `kind` is `qwen-vl`."""
+"""`QwenVLArgs`: the `qwenvl:` section of a model config whose `kind` is `qwen-vl`; how a checkpoint of the kind is
+recognised (`is_qwenvl_checkpoint`)."""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 from medm.config import ConfigError, arg
 
 # Model types (HF `config.model_type`) medm builds as the qwen-vl kind; medm.qwenvl.model maps each to its classes.
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+NAME = "qwen-vl"  # the kind's name: `model.kind` in the YAML, `config.medm.kind` in a checkpoint
 
 # How each model writes a box; records hold the canonical pixel [x1, y1, x2, y2] of the original image
 # (medm.qwenvl.boxes converts both ways).
@@ -66,3 +70,13 @@ class QwenVLArgs:
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError(f"{where}: need 0 < min_pixels <= max_pixels, got {self.min_pixels} and "
                               f"{self.max_pixels}")
+
+
+def is_qwenvl_checkpoint(path: str) -> bool:
+    """True when `path`'s config.json was written by a qwen-vl model of medm (`config.medm.kind`)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        return False
+    with open(cfg_file) as f:
+        medm = json.load(f).get("medm")
+    return isinstance(medm, dict) and medm.get("kind") == NAME

@@ -1,4 +1,4 @@
-"""`QwenVLPredictor`: `medm.infer.Predictor` for qwen-vl models (what `Predictor(model, processor)` builds for them).
+"""`QwenVLPredictor`: `medm.infer.Predictor` for qwen-vl models (the qwen-vl kind's, `predictor_for` builds it).
 
 Same interface and output as for the medm kind: records in, prediction strings out, batched (left padding, KV
 cache) or streamed. Each image keeps its own resolution (the prompt holds its number of image tokens), and boxes
@@ -8,7 +8,6 @@ come back in canonical form: `{"bbox_2d": [x1, y1, x2, y2], "label": ...}` in pi
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from transformers import TextIteratorStreamer
 
 from medm.data.annotations import Record, resolve_path
 from medm.data.images import load_image
-from medm.infer.generate import GenerationSettings, Predictor
+from medm.infer.generate import GenerationSettings, Predictor, stream_text
 from medm.qwenvl.data import ImageGeometry, QwenVLCollator, QwenVLInputs
 
 
@@ -117,26 +116,9 @@ class QwenVLPredictor(Predictor):
         # Grounding tokens are special tokens: keep them in the stream and drop the others (e.g. <|im_end|>).
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         drop = [self.tokenizer.convert_ids_to_tokens(i) for i in self.format.special_ids]
-        errors: list[BaseException] = []
         new: list[list[int]] = []
-
-        def run() -> None:
-            try:
-                new.extend(self.generate_items([item], settings, streamer))
-            except BaseException as e:  # surfaced in the caller's thread below
-                errors.append(e)
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            shown = text
+        for text in stream_text(lambda: new.extend(self.generate_items([item], settings, streamer)), streamer):
             for token in drop:
-                shown = shown.replace(token, "")
-            yield shown.strip()
-        worker.join()
-        if errors:
-            raise errors[0]
+                text = text.replace(token, "")
+            yield text.strip()
         yield self.decode(new[0], geometry)

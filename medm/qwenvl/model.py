@@ -6,8 +6,7 @@ The mixin tells medm's shared code what it needs, so that code never branches on
 
 - `stage_components()`: which modules are the stage plan's `vision` (the vision blocks), `connector` (the merger)
   and `llm` (the language model and its head);
-- `llm_lora_targets()`: default LoRA targets of the language model;
-- `build_dataset()` / `predictor_class()`: the data and inference code that renders records with the processor.
+- `llm_lora_targets()`: default LoRA targets of the language model.
 
 medm's own settings for the model (`kind`, `box_format`, `system_prompt`, ...) ride in `config.medm`, so a
 checkpoint reopens with them.
@@ -16,8 +15,6 @@ checkpoint reopens with them.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +25,15 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
 from medm.config import ConfigError
+from medm.models.checkpoint import refuse_missing_weights
 from medm.models.llm import check_attn_implementation, resolve_dtype, warn_remote_code
-from medm.qwenvl.args import MODEL_TYPES, QwenVLArgs
+from medm.qwenvl.args import (
+    MODEL_TYPES,
+    QwenVLArgs,
+    is_qwenvl_checkpoint,  # noqa: F401  (exported here too)
+)
+from medm.qwenvl.args import NAME as KIND
 
-KIND = "qwen-vl"
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Token ids the model config must share with the tokenizer.
 _TOKEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -47,6 +49,7 @@ class QwenVLMixin:
     # step; their loss does take `num_items_in_batch`, and with it a step's loss is the mean over all its tokens,
     # whatever the number of ranks (`average_tokens_across_devices`) or accumulation steps.
     accepts_loss_kwargs = True
+    medm_kind = KIND  # its entry in medm.registry.KIND (medm.qwenvl.kind)
 
     def stage_components(self) -> dict[str, list[str]]:
         return {name: list(paths) for name, paths in self._stage_paths.items()}
@@ -58,18 +61,6 @@ class QwenVLMixin:
 
     def llm_lora_targets(self) -> list[str]:
         return list(self.medm_settings.get("lora_target_modules") or DEFAULT_LORA_TARGETS)
-
-    def build_dataset(self, data_args, processor):
-        """The training dataset of `data_args` (medm.data.DataArgs) rendered with this model's processor."""
-        from medm.qwenvl.data import build_qwenvl_dataset
-
-        return build_qwenvl_dataset(data_args, self, processor)
-
-    def predictor_class(self) -> type:
-        from medm.qwenvl.infer import QwenVLPredictor
-
-        return QwenVLPredictor
-
 
     def idle_tower_zero(self) -> torch.Tensor:
         """A 0 that depends on every vision-tower parameter: its merged (and deepstack) features for one blank
@@ -236,16 +227,6 @@ def quantization_skip(model_class: type) -> list[str]:
     return [*paths["vision"], *paths["connector"], "lm_head"]
 
 
-def is_qwenvl_checkpoint(path: str) -> bool:
-    """True when `path`'s config.json was written by a qwen-vl model of medm (`config.medm.kind`)."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        return False
-    with open(cfg_file) as f:
-        medm = json.load(f).get("medm")
-    return isinstance(medm, dict) and medm.get("kind") == KIND
-
-
 def load_qwenvl(path: str, dtype: str | None = None, device: str | torch.device | None = None,
                 trust_remote_code: bool = False):
     """Reopen a qwen-vl checkpoint written by medm (config.json with `medm`, safetensors, processor)."""
@@ -253,8 +234,6 @@ def load_qwenvl(path: str, dtype: str | None = None, device: str | torch.device 
     classes = classes_for(config.model_type, f"checkpoint {path}")
     model, info = classes.model.from_pretrained(path, config=config, use_safetensors=True, output_loading_info=True,
                                                 dtype=resolve_dtype(dtype) if dtype else None)
-    from medm.models.builder import refuse_missing_weights
-
     refuse_missing_weights(path, info)
     if device is not None:
         model.to(device)

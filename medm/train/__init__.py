@@ -11,7 +11,7 @@ _EXPORTS = {
     "apply_plan": "medm.train.stages", "resolve_plan": "medm.train.stages",
     "trainable_parameter_names": "medm.train.stages",
     "MedMTrainer": "medm.train.trainer", "run_training": "medm.train.trainer",
-    "export_merged": "medm.train.checkpoint", "load_trained": "medm.train.checkpoint",
+    "export_merged": "medm.interop.merge", "load_trained": "medm.models.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

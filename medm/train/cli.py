@@ -1,9 +1,7 @@
-"""`medm train CONFIG [a.b=c ...]` and `medm export --merge | --to llava-hf SRC OUT`.
+"""`medm train CONFIG [a.b=c ...]` (`medm export` is medm.interop.cli's).
 
     medm train configs/train/finetune.yaml model=configs/model/tiny.yaml data.path=train.json train.max_steps=10
     torchrun --nproc_per_node 4 -m medm.cli train configs/train/finetune.yaml data.path=train.json
-    medm export --merge runs/finetune_lora runs/finetune_lora_merged
-    medm export --to llava-hf runs/finetune_lora runs/finetune_llava --eval-metrics runs/eval/metrics.json
 """
 
 from __future__ import annotations
@@ -50,35 +48,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 128 + int(sig)
     if trainer.is_world_process_zero():
         print(f"saved to {cfg.train.output_dir}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    import sys
-
-    _setup_logging()
-    if args.to is None and not args.merge:
-        print("error: give --merge (a standalone medm model) or --to llava-hf (transformers' LLaVA format)",
-              file=sys.stderr)
-        return 2
-    if args.to == "llava-hf":
-        from medm.interop.llava_hf import ExportError, export_llava_hf
-
-        try:
-            out = export_llava_hf(args.src, args.out, base=args.base, eval_metrics=args.eval_metrics)
-        except (ExportError, OSError, ValueError) as e:  # OSError / ValueError: SRC is not a medm checkpoint
-            print(f"error: cannot export {args.src} to llava-hf: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-        print(f"transformers LLaVA model written to {out}")
-        return 0
-    from medm.train.checkpoint import export_merged
-
-    out = export_merged(args.src, args.out, base=args.base)
-    if args.eval_metrics:
-        from medm.interop.model_card import write_model_card
-
-        write_model_card(out, fmt="full", source=args.src, eval_metrics=args.eval_metrics)
-    print(f"merged model written to {out}")
     return 0
 
 
@@ -139,20 +108,3 @@ def add_parsers(subparsers) -> None:
     p.add_argument("config", help="train YAML with model / data / stage / train sections")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, applied in order (values parsed as YAML)")
     p.set_defaults(func=_cmd_train)
-
-    p = subparsers.add_parser("export", help="write a standalone model from a training checkpoint",
-                              description="medm export --merge SRC OUT: fold a LoRA adapter (or a connector-only "
-                                          "checkpoint) into its base weights; OUT opens with medm.models.load_model. "
-                                          "medm export --to llava-hf SRC OUT: the same merge, written as transformers' "
-                                          "LlavaForConditionalGeneration + LlavaProcessor (CLIP / SigLIP tower, mlp "
-                                          "connector); parts that format cannot hold are refused with the reason.")
-    p.add_argument("--merge", action="store_true", help="merge adapters / components into the base (a medm model)")
-    p.add_argument("--to", choices=["llava-hf"], default=None,
-                   help="write another format (adapters are merged first): llava-hf = transformers' LLaVA")
-    p.add_argument("--eval-metrics", nargs="+", default=None, metavar="METRICS_JSON",
-                   help="medm eval metrics.json files to show in OUT's README.md model card")
-    p.add_argument("--base", default=None, help="full checkpoint holding the base weights (default: the one the "
-                                                "checkpoint's medm_checkpoint.json names)")
-    p.add_argument("src", help="training checkpoint directory (output_dir or a checkpoint-N)")
-    p.add_argument("out", help="output directory")
-    p.set_defaults(func=_cmd_export)

@@ -1,13 +1,18 @@
-"""Training logs beside the checkpoints: `metrics.jsonl` (one line per Trainer log) and the `loss.png` curve."""
+"""Training logs beside the checkpoints: `metrics.jsonl` (one line per Trainer log), the `loss.png` curve, and the
+model card of every checkpoint (`ModelCardCallback`; the card itself is medm.interop.model_card)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from transformers import TrainerCallback
 
-METRICS_FILE = "metrics.jsonl"
+from medm.interop.model_card import CARD_FILE, METRICS_FILE, read_metrics, write_model_card
+from medm.train.stages import checkpoint_format, resolve_plan
+
+logger = logging.getLogger(__name__)
 LOSS_PLOT = "loss.png"
 
 
@@ -35,20 +40,6 @@ class MetricsJsonl(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
-def read_metrics(output_dir: str) -> list[dict]:
-    """The logged records, one per step (a resumed run re-logs steps after its checkpoint: the last one wins)."""
-    path = os.path.join(output_dir, METRICS_FILE)
-    if not os.path.isfile(path):
-        return []
-    by_step: dict[tuple[int, bool], dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                by_step[(rec["step"], "loss" in rec)] = rec
-    return [by_step[k] for k in sorted(by_step)]
-
-
 def plot_loss(output_dir: str) -> str | None:
     """Write loss.png from metrics.jsonl; None when nothing was logged."""
     points = [(r["step"], r["loss"]) for r in read_metrics(output_dir) if "loss" in r]
@@ -68,3 +59,46 @@ def plot_loss(output_dir: str) -> str | None:
     out = os.path.join(output_dir, LOSS_PLOT)
     fig.savefig(out)
     return out
+
+
+class ModelCardCallback(TrainerCallback):
+    """Writes the card of every checkpoint-N a run saves, and of its output_dir when training ends (the final
+    weights are saved there right after).
+
+    Args:
+        train_config: the run's `TrainConfig` (data files and stage plan for the card).
+    """
+
+    def __init__(self, train_config):
+        self.train_config = train_config
+
+    def _write(self, ckpt_dir: str, state, model) -> None:
+        if not state.is_world_process_zero or model is None:
+            return
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        try:
+            modes = resolve_plan(base, self.train_config.stage)
+            write_model_card(ckpt_dir, config=base.config, fmt=checkpoint_format(modes),
+                             train_config=self.train_config, state=state,
+                             modes={k: m.kind + (f":{m.blocks}" if m.blocks else "") for k, m in modes.items()})
+        except Exception as e:  # a card must never cost a run its final weights (saved after on_train_end)
+            logger.warning("could not write the model card %s: %s: %s", os.path.join(ckpt_dir, CARD_FILE),
+                           type(e).__name__, e)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt):
+            self._write(ckpt, state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._write(args.output_dir, state, model)
+        if model is not None and hasattr(model, "create_or_update_model_card"):
+            # The final adapter is saved right after this, and PEFT's save_pretrained then rewrites README.md as a
+            # generic PEFT card (its own tags, an empty base_model); write ours again after it.
+            peft_update = model.create_or_update_model_card
+
+            def update(output_dir: str) -> None:
+                peft_update(output_dir)
+                self._write(output_dir, state, model)
+
+            model.create_or_update_model_card = update

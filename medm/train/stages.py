@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medm.config import ConfigError
+from medm.models.checkpoint import COMPONENTS_ONLY, FULL, LORA  # noqa: F401  (LORA: also imported from here)
 from medm.train.args import StagePlan
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ ALLOWED = {"vision": ("frozen", "full", "lora", "partial"), "vision3d": ("frozen
            "connector": ("frozen", "full", "lora"), "connector3d": ("frozen", "full", "lora"),
            "llm": ("frozen", "full", "lora", "qlora")}
 
-# Checkpoint formats a plan saves as (see medm.train.checkpoint).
-FULL, COMPONENTS_ONLY, LORA = "full", "components", "lora"
 
 
 @dataclass(frozen=True)

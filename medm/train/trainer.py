@@ -21,12 +21,8 @@ from medm._accelerator import name_accelerator_for_deepspeed
 from medm.config import ConfigError, from_dict
 from medm.data._bad_samples import bad_sample_count
 from medm.data.dataset import DataArgs
-from medm.interop.model_card import ModelCardCallback
 from medm.models import build_model, save_model
-from medm.train._distributed import prepare_zero3_loading, whole_weights
-from medm.train._qlora import qlora_load_config
-from medm.train.args import TrainArgs, TrainConfig
-from medm.train.checkpoint import (
+from medm.models.checkpoint import (
     BASE_DIR,
     load_components,
     load_init_weights,
@@ -35,7 +31,10 @@ from medm.train.checkpoint import (
     save_components,
     write_meta,
 )
-from medm.train.metrics import MetricsJsonl, plot_loss
+from medm.train._distributed import prepare_zero3_loading, whole_weights
+from medm.train._qlora import qlora_load_config
+from medm.train.args import TrainArgs, TrainConfig
+from medm.train.metrics import MetricsJsonl, ModelCardCallback, plot_loss
 from medm.train.safety import (
     CheckpointWriteError,
     RunGuard,
@@ -476,7 +475,7 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     encoder_trains = any(modes[e].kind in ("full", "partial") for e in ENCODERS if e in modes)
     # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them.
     args.ddp_find_unused_parameters = True if encoder_trains else None
-    # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.interop.model_card).
+    # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.train.metrics).
     cbs = [MetricsJsonl(out, fresh=not resume), NoGradCheck(), ModelCardCallback(cfg), *(callbacks or [])]
     if "tensorboard" in train.report_to:
         from transformers.integrations import TensorBoardCallback

@@ -12,7 +12,7 @@ from medm.data._bad_samples import TooManyBadSamples
 from medm.data.annotations import load_records
 from medm.data.dataset import DataArgs, build_dataset
 from medm.eval.metrics import grounding_scores
-from medm.infer import GenerationSettings, Predictor
+from medm.infer import GenerationSettings, Predictor, predictor_for
 from medm.models import load_model
 from medm.qwenvl.infer import QwenVLPredictor
 from medm.train.args import load_train_config
@@ -93,7 +93,7 @@ def test_predictor_and_medm_infer_on_the_checkpoint(lora_run, phantoms, tmp_path
     preds = [p for _, p in predictor.predict(test, batch_size=4, settings=settings)]
     # Batched (left-padded) answers equal one-by-one answers, and the in-memory trained model's.
     alone = [next(predictor.predict([r], settings=settings))[1] for r in test]
-    live = Predictor(trainer.model, trainer.processing_class, image_dir=phantoms["image_dir"])
+    live = predictor_for(trainer.model, trainer.processing_class, image_dir=phantoms["image_dir"])
     assert preds == alone == [p for _, p in live.predict(test, batch_size=6, settings=settings)]
     assert all(isinstance(p, str) and "<|" not in p for p in preds)
     blank = [p for _, p in predictor.predict(test, batch_size=6, settings=settings, blank_images=True)]
@@ -122,7 +122,7 @@ def test_predicted_boxes_come_back_in_original_pixels(model_type, answer, lora_r
     from medm.models import build_model
 
     model, processor = build_model(tiny_cfg(model_type))
-    predictor = Predictor(model, processor)
+    predictor = predictor_for(model, processor)
     tok = processor.tokenizer
     ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>"),
                                                                  tok.pad_token_id]

@@ -1,0 +1,163 @@
+"""The package's layering, read from medm's source with `ast`: which modules import which, and where model kinds
+are told apart (docs/concepts.md, "Model kinds and checkpoints")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import medm
+
+ROOT = Path(medm.__file__).parent
+# Layers that open, evaluate, show or convert models: they use medm.models.checkpoint, never the training code.
+NOT_TRAIN = ("medm.infer", "medm.playground", "medm.interop", "medm.eval")
+# Where a model kind may be named in a comparison: the KIND registry and the kinds' own modules.
+KIND_MODULES = {"medm.registry", "medm.models.kind", "medm.qwenvl.kind"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return out
+
+
+MODULES = _modules()
+
+
+def _imported(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The medm modules an import statement names (`from medm.a import b` names medm.a.b when that is a module)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "medm"]
+    if node.level:  # relative: resolve against the importing package
+        package = module if module in MODULES and (ROOT / "/".join(module.split(".")[1:]) / "__init__.py").exists() \
+            else module.rpartition(".")[0]
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+        target = f"{base}.{node.module}" if node.module else base
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "medm":
+        return []
+    subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
+    return subs or [target]
+
+
+def _imports(module: str, top_level_only: bool) -> set[str]:
+    """medm modules `module` imports; `top_level_only`: those run at import time (not inside functions, nor
+    under `if TYPE_CHECKING:`)."""
+    tree = MODULES[module]
+    found: set[str] = set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not (top_level_only and in_function):
+            found.update(_imported(module, node))
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) and top_level_only:
+            return
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def _in(module: str, packages: tuple[str, ...] | str) -> bool:
+    packages = (packages,) if isinstance(packages, str) else packages
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_modules_found():
+    # The walk sees the package: the layers checked below and the checkpoint home exist.
+    for name in ("medm.models.checkpoint", "medm.models.kind", "medm.qwenvl.kind", "medm.infer.generate",
+                 "medm.interop.merge", "medm.train.trainer"):
+        assert name in MODULES, name
+
+
+@pytest.mark.parametrize("layer", NOT_TRAIN)
+def test_layer_never_imports_train(layer):
+    offenders = sorted(f"{m} imports {t}" for m in MODULES if _in(m, layer)
+                       for t in _imports(m, top_level_only=False) if _in(t, "medm.train"))
+    assert not offenders, offenders
+
+
+def _kind_comparisons(tree: ast.Module) -> list[str]:
+    """`x.kind == "qwen-vl"`, `kind != "medm"`, `cfg.get("kind") == ...`: a comparison of something called kind
+    with a registered model kind's name."""
+    kinds = {"medm", "qwen-vl"}
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        texts = [ast.unparse(s) for s in sides]
+        names_kind = any(t.endswith("kind") or t.endswith("kind')") or t.endswith('kind")') for t in texts)
+        names_value = any(isinstance(s, ast.Constant) and s.value in kinds for s in sides)
+        if names_kind and names_value:
+            out.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_kind_comparisons_only_in_kind_modules():
+    offenders = {m: _kind_comparisons(tree) for m, tree in MODULES.items() if m not in KIND_MODULES}
+    offenders = {m: found for m, found in offenders.items() if found}
+    assert not offenders, offenders
+
+
+def test_kind_comparison_detector_sees_a_branch():
+    # The check above would catch the branches it replaced.
+    tree = ast.parse('if args.kind == "qwen-vl":\n    pass\nif cfg.get("kind") != "medm":\n    pass\n')
+    assert len(_kind_comparisons(tree)) == 2
+
+
+def test_no_import_cycle_at_import_time():
+    graph = {m: {t for t in _imports(m, top_level_only=True) if t in MODULES and t != m} for m in MODULES}
+    # A package's __init__ importing its own submodules is how a package is built, not a circle between rooms.
+    graph = {m: {t for t in ts if not (t.startswith(m + ".") and (ROOT / "/".join(m.split(".")[1:]) / "__init__.py")
+                                       .exists())} for m, ts in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycles.append(stack[stack.index(t):] + [t])
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, [" -> ".join(c) for c in cycles[:5]]
+
+
+def test_checkpoint_and_kind_modules_sit_in_no_circle_even_through_deferred_imports():
+    # The circle the KIND registry broke ran infer -> train -> models -> qwenvl -> infer through imports inside
+    # functions; counting those too (the registry's lazy loading of its plugins aside), none of these rooms is in one.
+    rooms = ("medm.models", "medm.infer", "medm.qwenvl", "medm.interop", "medm.playground", "medm.train.checkpoint",
+             "medm.train.metrics")
+    graph = {m: {t for t in _imports(m, top_level_only=False) if t in MODULES and t != m and not t.startswith(m + ".")}
+             for m in MODULES if m != "medm.registry"}
+    reach: dict[str, set[str]] = {}
+
+    def reachable(m: str) -> set[str]:
+        if m not in reach:
+            reach[m] = set()
+            todo = list(graph.get(m, ()))
+            while todo:
+                t = todo.pop()
+                if t not in reach[m]:
+                    reach[m].add(t)
+                    todo.extend(graph.get(t, ()))
+        return reach[m]
+
+    circles = sorted(m for m in graph if _in(m, rooms) and m in reachable(m))
+    assert not circles, circles
