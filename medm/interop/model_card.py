@@ -20,8 +20,11 @@ import os
 from typing import Any
 
 import yaml
+from transformers import AutoConfig
 
+from medm.config import to_dict
 from medm.models.checkpoint import read_meta
+from medm.models.modeling_medm import register_auto_classes
 
 logger = logging.getLogger(__name__)
 
@@ -362,13 +365,7 @@ def write_model_card(ckpt_dir: str, *, config=None, fmt: str | None = None, sour
         eval_metrics: metrics.json files to show; those beside ckpt_dir (and source) are added.
         notes: extra lines for a Notes section.
     """
-    from medm.config import to_dict
-
     if config is None:
-        from transformers import AutoConfig
-
-        from medm.models.modeling_medm import register_auto_classes
-
         register_auto_classes()
         config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
     if fmt is None:

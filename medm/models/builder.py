@@ -21,6 +21,7 @@ from medm.models.checkpoint import (  # noqa: F401  (their old home; medm.models
 from medm.models.configuration_medm import MedMConfig
 from medm.models.llm import load_llm, remote_code, resolve_dtype, resolve_text_config
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
+from medm.models.tiny import tiny_tokenizer
 from medm.models.vision._hf import HFEncoder
 from medm.qwenvl.args import QwenVLArgs
 from medm.registry import CONNECTOR, KIND, LLM, TEMPLATE, VISION
@@ -107,8 +108,6 @@ def check_medm_args(args: ModelArgs, cfg: dict[str, Any], where: str) -> None:
 
 def load_tokenizer(llm: LLMArgs) -> PreTrainedTokenizerBase:
     if llm.tiny_tokenizer is not None:
-        from medm.models.tiny import tiny_tokenizer
-
         return tiny_tokenizer(llm.tiny_tokenizer)
     source = llm.tokenizer or llm.path
     if not source:

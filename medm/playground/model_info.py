@@ -11,14 +11,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import AutoConfig
+
+from medm.data.annotations import load_records, resolve_path
+from medm.infer.predictions import question_text
+from medm.interop.model_card import components, read_card_metadata
+from medm.models.checkpoint import checkpoint_kind, read_meta
+from medm.models.modeling_medm import register_auto_classes
+
 __all__ = ["Example", "load_examples", "model_markdown", "model_rows", "takes_volumes"]
 
 
 def _config(ckpt_dir: str):
-    from transformers import AutoConfig
-
-    from medm.models.modeling_medm import register_auto_classes
-
     register_auto_classes()
     return AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)  # shown, never run
 
@@ -49,9 +53,6 @@ def _figures_text(fig: dict[str, Any]) -> str:
 
 def model_rows(ckpt_dir: str) -> list[tuple[str, str]]:
     """(label, value) rows describing a checkpoint: kind, format, parts, stage, data, training, evaluation, source."""
-    from medm.interop.model_card import components, read_card_metadata
-    from medm.models.checkpoint import checkpoint_kind, read_meta
-
     config = _config(ckpt_dir)
     meta = read_meta(ckpt_dir)
     card = read_card_metadata(ckpt_dir)
@@ -120,9 +121,6 @@ def load_examples(path: str, image_dir: str | None = None, limit: int = 6) -> li
     Args:
         image_dir: base of relative image paths; default: the records file's directory.
     """
-    from medm.data.annotations import load_records, resolve_path
-    from medm.infer import question_text
-
     base = image_dir if image_dir is not None else os.path.dirname(os.path.abspath(path))
     records = [r for r in load_records(path) if r.image]
     chosen, kinds, images = [], set(), set()

@@ -33,6 +33,7 @@ from medm.qwenvl.args import (
     is_qwenvl_checkpoint,  # noqa: F401  (exported here too)
 )
 from medm.qwenvl.args import NAME as KIND
+from medm.qwenvl.tiny import tiny_qwenvl_processor
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Token ids the model config must share with the tokenizer.
@@ -205,8 +206,6 @@ def build_qwenvl(args: QwenVLArgs, system_prompt: str | None = None, where: str 
         classes = classes_for(model_type, f"{where}.config")
         config = AutoConfig.for_model(model_type, **cfg)
         if args.tiny_processor:
-            from medm.qwenvl.tiny import tiny_qwenvl_processor
-
             processor = tiny_qwenvl_processor(*classes.processor_classes(), config.vision_config, args.min_pixels,
                                               args.max_pixels)
         else:
