@@ -49,9 +49,10 @@ PX = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 def test_features_are_the_reference_hidden_states(model_type, select_layer):
     n_cls = MODEL_TYPES[model_type]
     enc = build(hf_section(model_type, select_layer=select_layer))
-    assert type(enc.model) is type(AutoModel.from_config(AutoConfig.for_model(model_type)))
+    ref = reference(enc, model_type)
+    assert type(enc.model) is type(ref)  # what AutoModel builds from the config
     with torch.no_grad():
-        hidden = reference(enc, model_type)(pixel_values=PX, output_hidden_states=True).hidden_states[select_layer]
+        hidden = ref(pixel_values=PX, output_hidden_states=True).hidden_states[select_layer]
         assert enc.grid == (4, 4) and enc.num_cls_tokens == n_cls
         assert enc.num_prefix_tokens == 0 and enc.num_tokens == 16
         assert torch.equal(enc(PX), hidden[:, n_cls:])  # `patch`: CLS dropped
