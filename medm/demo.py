@@ -32,9 +32,9 @@ DEMOS = {
 }
 
 
-def demo_data(kind: str):
-    """(builder writing `captions` / `train` / `test`, question kinds) of a demo kind: 2D phantoms, or volumes."""
-    if kind == "3d":
+def demo_data(variant: str):
+    """(builder writing `captions` / `train` / `test`, question kinds) of a demo variant: 2D phantoms, or volumes."""
+    if variant == "3d":
         from medm.data.builders.phantoms3d import KINDS, build_phantoms3d
 
         return build_phantoms3d, KINDS

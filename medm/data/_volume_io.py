@@ -129,7 +129,7 @@ def read_array(header: VolumeHeader, complex_mode: str = "magnitude") -> np.ndar
         raise
     except Exception as e:  # nibabel / SimpleITK / numpy raise many types for truncated or inconsistent data
         raise VolumeLoadError(path, f"cannot read the voxel data ({type(e).__name__}: {e})") from e
-    if array.dtype.kind == "c":
+    if np.iscomplexobj(array):
         if complex_mode == "refuse":
             raise VolumeLoadError(path, f"voxels are complex ({array.dtype}); set volume.complex: magnitude or real "
                                         "to load them")

@@ -175,13 +175,13 @@ def check_connector(kind: Any, mlp_type: Any, where: str) -> None:
         raise ImportFormatError(f"{where}: connector name {mlp_type!r}: {e}") from None
 
 
-def connector(kind: str, mlp_type: str, src: str, dst: str, state: dict[str, torch.Tensor],
+def connector(projector: str, mlp_type: str, src: str, dst: str, state: dict[str, torch.Tensor],
               where: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """(medm connector section, weight prefix renames) of a MedM-VL connector under prefix `src`."""
-    check_connector(kind, mlp_type, where)
-    if kind == "mlp":
+    check_connector(projector, mlp_type, where)
+    if projector == "mlp":
         return {"name": "mlp", "type": mlp_type}, [(f"{src}.connector.", f"{dst}.mlp.")]
-    if kind == "spatial_pooling":
+    if projector == "spatial_pooling":
         return ({"name": "spatial_pool", "pool": "avg", "stride": 2, "mlp_type": mlp_type, "uneven": "floor"},
                 [(f"{src}.connector.", f"{dst}.mlp.")])
     query = state.get(f"{src}.query")

@@ -153,22 +153,22 @@ def _content(msg: dict, i: int, files: _Files, images: list[str], volumes: list[
     pieces = []
     for j, part in enumerate(parts):
         where = f"messages[{i}].content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
+        part_type = part.get("type") if isinstance(part, dict) else None
+        if part_type == "text":
             # Typed placeholders would ask for pictures that are not there.
             text = str(part.get("text", "")).replace(IMAGE3D_TOKEN, " ").replace(IMAGE_TOKEN, " ")
             pieces.append(text)
-        elif kind in ("image_url", "volume_url"):
+        elif part_type in ("image_url", "volume_url"):
             if msg.get("role") != "user":
                 raise RequestError(f"{where}: pictures go in user messages", param=where)
-            ref = part.get(kind)
+            ref = part.get(part_type)
             ref = ref if isinstance(ref, dict) else {"url": ref}
-            volume = kind == "volume_url"
+            volume = part_type == "volume_url"
             path = files.path(ref.get("url"), where, volume, ref.get("format"))
             (volumes if volume else images).append(path)
             pieces.append(IMAGE3D_TOKEN if volume else IMAGE_TOKEN)
         else:
-            raise RequestError(f"{where}: unknown part type {kind!r}; known: text, image_url, volume_url",
+            raise RequestError(f"{where}: unknown part type {part_type!r}; known: text, image_url, volume_url",
                                param=where)
     return "\n".join(p for p in pieces if p)
 

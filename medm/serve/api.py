@@ -145,8 +145,8 @@ def build_app(predictor, model_name: str, *, defaults: GenerationSettings | None
             yield _chunk(rid, {"role": "assistant", "content": ""})
             sent = ""
             while True:
-                kind, value = await queue.get()
-                if kind == "text":
+                event, value = await queue.get()
+                if event == "text":
                     # Whitespace at either end waits for the text after it: the joined pieces equal the
                     # non-streamed (stripped) answer.
                     value = value.strip()
