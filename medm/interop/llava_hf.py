@@ -68,11 +68,16 @@ from medm.interop._llava_hf_import import (  # noqa: F401  (the importer, import
 
 # ---- what LLaVA can hold --------------------------------------------------------------------------------------
 def _vision_class(config):
-    from medm.models.vision._hf import HFVisionEncoder
+    from medm.models.vision._hf import HFEncoder, HFVisionEncoder
     from medm.registry import VISION
 
     name = config.vision["name"]
     cls = VISION.get(name)
+    if isinstance(cls, type) and issubclass(cls, HFEncoder) and not issubclass(cls, HFVisionEncoder):
+        # the generic `hf` encoder on a CLIP / SigLIP config is its preset: same config, same weight names
+        presets = [VISION.get(n) for n in VISION.names()]
+        cls = next((c for c in presets if isinstance(c, type) and issubclass(c, HFVisionEncoder)
+                    and c.model_type == config.vision.get("model_type")), cls)
     if not (isinstance(cls, type) and issubclass(cls, HFVisionEncoder)):
         raise ExportError(f"vision encoder {name!r} ({getattr(cls, '__name__', cls)}) is not a transformers vision "
                           "model; LLaVA builds its vision_tower with AutoModel from a transformers vision_config, so "

@@ -241,3 +241,24 @@ def test_export_refuses_an_lm_head_with_bias():
     model, _ = build_model(tiny_model_config(family="phi"))  # Phi-2's lm_head has a bias; LLaVA's has none
     with pytest.raises(ExportError, match="lm_head has a bias"):
         to_llava_state_dict(model)
+
+
+def test_the_generic_hf_encoder_on_a_clip_config_exports_as_clip_does(tmp_path):
+    """`vision: {name: hf, model_type: clip_vision_model}` is the `clip` preset: the same LLaVA files come out."""
+    torch.manual_seed(0)
+    clip_model, tok = build_model(tiny_model_config(vision="clip"))
+    hf_cfg = tiny_model_config(vision="clip")
+    hf_cfg["vision"] = {"name": "hf", "model_type": "clip_vision_model", **tiny_vision("clip")}
+    hf_model, _ = build_model(hf_cfg)
+    hf_model.load_state_dict(clip_model.state_dict())
+    for name, model in (("clip", clip_model), ("hf", hf_model)):
+        save_model(model, tok, str(tmp_path / name / "medm"))
+        export_llava_hf(str(tmp_path / name / "medm"), str(tmp_path / name / "llava"))
+    ours, theirs = (load_file(str(tmp_path / n / "llava" / "model.safetensors")) for n in ("clip", "hf"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    configs = [json.loads((tmp_path / n / "llava" / "config.json").read_text()) for n in ("clip", "hf")]
+    assert configs[0]["vision_config"] == configs[1]["vision_config"]
+    other = tiny_model_config(vision="clip")
+    other["vision"] = {"name": "hf", **tiny_vision("hf", {"model_type": "dinov2"})}
+    with pytest.raises(ExportError, match="only HF CLIP / SigLIP towers"):
+        check_exportable(build_model(other)[0].config)
