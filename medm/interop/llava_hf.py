@@ -78,6 +78,11 @@ def _vision_class(config):
         presets = [VISION.get(n) for n in VISION.names()]
         cls = next((c for c in presets if isinstance(c, type) and issubclass(c, HFVisionEncoder)
                     and c.model_type == config.vision.get("model_type")), cls)
+    if isinstance(cls, type) and issubclass(cls, HFEncoder) and not issubclass(cls, HFVisionEncoder):
+        raise ExportError(f"vision encoder {name!r} with model_type {config.vision.get('model_type')!r}: medm's "
+                          "LLaVA export is checked for CLIP and SigLIP towers only, so only HF CLIP / SigLIP towers "
+                          "(vision.name: clip, siglip, or hf with model_type clip_vision_model / siglip_vision_model) "
+                          "export")
     if not (isinstance(cls, type) and issubclass(cls, HFVisionEncoder)):
         raise ExportError(f"vision encoder {name!r} ({getattr(cls, '__name__', cls)}) is not a transformers vision "
                           "model; LLaVA builds its vision_tower with AutoModel from a transformers vision_config, so "

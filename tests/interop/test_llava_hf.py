@@ -260,5 +260,5 @@ def test_the_generic_hf_encoder_on_a_clip_config_exports_as_clip_does(tmp_path):
     assert configs[0]["vision_config"] == configs[1]["vision_config"]
     other = tiny_model_config(vision="clip")
     other["vision"] = {"name": "hf", **tiny_vision("hf", {"model_type": "dinov2"})}
-    with pytest.raises(ExportError, match="only HF CLIP / SigLIP towers"):
+    with pytest.raises(ExportError, match="'hf' with model_type 'dinov2'.* only HF CLIP / SigLIP towers"):
         check_exportable(build_model(other)[0].config)
