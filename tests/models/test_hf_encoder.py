@@ -9,9 +9,12 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model
 
+from medm.config import ConfigError
 from medm.models import build_model, load_model, save_model
 from medm.models.tiny import tiny_model_config, tiny_overrides, tiny_vision
 from medm.registry import VISION
+from medm.train.args import StagePlan
+from medm.train.stages import apply_plan
 
 # model_type -> leading non-grid tokens (CLS) of its hidden states
 MODEL_TYPES = {"dinov2": 1, "vit": 1, "clip_vision_model": 1, "siglip_vision_model": 0}
@@ -172,3 +175,20 @@ def test_tiny_twin_keeps_model_type():
     assert twin["vision"]["model_type"] == "dinov2" and "path" not in twin["vision"]
     model, _ = build_model(twin)
     assert isinstance(model.vision.model, Dinov2Model) and model.num_image_tokens == 16
+
+
+def test_a_trained_dinov2_tower_leaves_no_trainable_parameter_without_gradient():
+    """Stage `vision: full` on DINOv2's hidden_states[-2]: the last block, the final norm and the mask token stay
+    frozen (no 'got no gradient' warning, no DDP error); all else gets a gradient; partial:1 on the unused block
+    is refused."""
+    cfg = tiny_model_config()
+    cfg["vision"] = hf_section("dinov2", select_layer=-2)
+    torch.manual_seed(0)
+    model = apply_plan(build_model(cfg)[0], StagePlan(vision="full", llm="frozen"))
+    frozen = {n for n, p in model.vision.named_parameters() if not p.requires_grad}
+    assert frozen == set(model.vision.unused_parameter_names()) and "model.embeddings.mask_token" in frozen
+    ids = torch.tensor([[model.config.image_token_id] * model.num_image_tokens + [5, 6, 7]])
+    model(input_ids=ids, pixel_values=PX[:1], labels=ids).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with pytest.raises(ConfigError, match="trains only blocks the features never use"):
+        apply_plan(build_model(cfg)[0], StagePlan(vision="partial:1", llm="frozen"))
