@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from medm.models._chat_templates import CHAT_TEMPLATES
-from medm.registry import DEFAULT_KIND, KIND
+from medm.registry import CONNECTOR, DEFAULT_KIND, KIND, VISION
 
 # Special tokens of the three chat formats, so one tiny tokenizer can carry any of their templates.
 _SPECIALS = {
@@ -98,8 +98,6 @@ def tiny_vision(name: str, section: dict[str, Any] | None = None) -> dict[str, A
     Args:
         section: the config section being replaced, for settings the twin keeps (the `hf` encoder's `model_type`).
     """
-    from medm.registry import VISION
-
     try:
         return copy.deepcopy(VISION.get(name).tiny(section))
     except NotImplementedError as e:
@@ -108,8 +106,6 @@ def tiny_vision(name: str, section: dict[str, Any] | None = None) -> dict[str, A
 
 def tiny_connector(name: str) -> dict[str, Any]:
     """Small settings (merged over `{"name": ...}`) of a registered connector: its class's `tiny()`."""
-    from medm.registry import CONNECTOR
-
     try:
         return copy.deepcopy(CONNECTOR.get(name).tiny())
     except NotImplementedError as e:
@@ -118,8 +114,6 @@ def tiny_connector(name: str) -> dict[str, Any]:
 
 def __getattr__(name: str) -> Any:
     # The former central tables, now gathered from each component's own `tiny()` when asked for.
-    from medm.registry import CONNECTOR, VISION
-
     if name == "TINY_VISION":
         return {n: tiny_vision(n) for n in VISION.names() if n != "hf"}
     if name == "TINY_CONNECTOR":
