@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medm.config import ConfigError
 from medm.data._bad_samples import bad_sample_count
-from medm.train.checkpoint import (
+from medm.models.checkpoint import (
     load_components,
     read_meta,
     relocate_meta,

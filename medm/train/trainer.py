@@ -16,8 +16,11 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from medm._accelerator import name_accelerator_for_deepspeed
 from medm.config import ConfigError, from_dict
 from medm.data.dataset import DataArgs
-from medm.interop.model_card import ModelCardCallback
 from medm.models import build_model, save_model
+from medm.models.checkpoint import (
+    BASE_DIR,
+    load_init_weights,
+)
 from medm.train._distributed import prepare_zero3_loading, whole_weights
 from medm.train._medm_trainer import (  # noqa: F401  (importable from here too)
     SAMPLING_STRATEGIES,
@@ -26,11 +29,7 @@ from medm.train._medm_trainer import (  # noqa: F401  (importable from here too)
 )
 from medm.train._qlora import qlora_load_config
 from medm.train.args import TrainArgs, TrainConfig
-from medm.train.checkpoint import (
-    BASE_DIR,
-    load_init_weights,
-)
-from medm.train.metrics import MetricsJsonl, plot_loss
+from medm.train.metrics import MetricsJsonl, ModelCardCallback, plot_loss
 from medm.train.safety import (
     RunGuard,
     last_checkpoint,
@@ -273,7 +272,7 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     encoder_trains = any(modes[e].kind in ("full", "partial") for e in ENCODERS if e in modes)
     # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them.
     args.ddp_find_unused_parameters = True if encoder_trains else None
-    # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.interop.model_card).
+    # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.train.metrics).
     cbs = [MetricsJsonl(out, fresh=not resume), NoGradCheck(), ModelCardCallback(cfg), *(callbacks or [])]
     if "tensorboard" in train.report_to:
         from transformers.integrations import TensorBoardCallback
