@@ -302,9 +302,9 @@ def export_llava_hf(src: str, out: str, *, base: str | None = None, dtype: str |
     from transformers import AutoConfig
 
     from medm.interop.model_card import write_model_card
+    from medm.models.checkpoint import load_trained
     from medm.models.configuration_medm import MedMConfig
     from medm.models.modeling_medm import register_auto_classes
-    from medm.models.checkpoint import load_trained
 
     register_auto_classes()
     config = AutoConfig.from_pretrained(src, trust_remote_code=False)
