@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from medm.data.annotations import IMAGE_TOKEN
-from medm.interop._llava_hf_format import (  # noqa: F401  (names of the format, importable from here too)
+from medm.interop._llava_hf_format import (
     _ACTIVATIONS,
     _LANGUAGE_MODEL,
     _LM_HEAD,
@@ -46,18 +46,16 @@ from medm.interop._llava_hf_format import (  # noqa: F401  (names of the format,
     _RESAMPLE_CODES,
     _VISION,
     DTYPE_NAMES,
-    MODEL_YAML,
     ExportError,
-    ImportFormatError,
+    ImportFormatError,  # noqa: F401  (re-exported, as the importer's names below)
     _assign,
     _on_meta,
     _rename,
     export_chat_template,
-    list_content_adapter,
-    split_export_template,
 )
-from medm.interop._llava_hf_import import (  # noqa: F401  (the importer, importable from here too)
-    _chat_template,
+
+# The importer's names stay importable from here (`medm import llava-hf`, the other importers, tests).
+from medm.interop._llava_hf_import import (  # noqa: F401
     _encoder_for,
     _preprocess_settings,
     from_llava_state_dict,
