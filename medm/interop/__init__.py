@@ -3,7 +3,7 @@
 Names load on first use, so `medm.cli` can import `medm.interop.cli` without importing transformers' models.
 """
 
-from importlib import import_module
+from medm._lazy import lazy_exports
 
 _EXPORTS = {
     "ExportError": "medm.interop.llava_hf", "ImportFormatError": "medm.interop.llava_hf",
@@ -17,8 +17,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medm.interop' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -4,7 +4,7 @@ Built on `medm.infer.Predictor` (generation, streaming) and the dataset's own im
 first use, so `medm.cli` can import `medm.playground.cli` without importing torch.
 """
 
-from importlib import import_module
+from medm._lazy import lazy_exports
 
 _EXPORTS = {
     "Session": "medm.playground.chat",
@@ -17,8 +17,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medm.playground' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

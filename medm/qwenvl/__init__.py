@@ -6,7 +6,7 @@ kind; the model is transformers' own Qwen2-VL / Qwen2.5-VL / Qwen3-VL and the re
 Names load on first use (the model classes import transformers' Qwen-VL modules).
 """
 
-from importlib import import_module
+from medm._lazy import lazy_exports
 
 _EXPORTS = {
     "QwenVLArgs": "medm.qwenvl.args", "BOX_FORMATS": "medm.qwenvl.args", "MODEL_TYPES": "medm.qwenvl.args",
@@ -21,8 +21,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medm.qwenvl' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -3,7 +3,7 @@ OpenAI-compatible API). Both go through `medm.infer.Predictor`; names load on fi
 parser without importing torch.
 """
 
-from importlib import import_module
+from medm._lazy import lazy_exports
 
 _EXPORTS = {
     "ChatLoop": "medm.serve.chat", "build_app": "medm.serve.api", "Batcher": "medm.serve._batcher",
@@ -12,8 +12,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medm.serve' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

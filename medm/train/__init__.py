@@ -3,7 +3,7 @@
 Names load on first use, so `medm.cli` can import `medm.train.cli` without importing the Trainer.
 """
 
-from importlib import import_module
+from medm._lazy import lazy_exports
 
 _EXPORTS = {
     "LoraArgs": "medm.train.args", "StagePlan": "medm.train.args", "TrainArgs": "medm.train.args",
@@ -16,8 +16,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medm.train' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
