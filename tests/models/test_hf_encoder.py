@@ -144,6 +144,8 @@ def test_missing_model_type_is_a_clear_error():
         tiny_vision("hf")
     with pytest.raises(ValueError, match="model_type 'no_such_model'"):
         build({"name": "hf", "model_type": "no_such_model", "config": {"hidden_size": 32}})
+    with pytest.raises(ValueError, match=r"image_size None \(resnet\): medm takes a ViT-style tower"):
+        build({"name": "hf", "model_type": "resnet", "config": {"hidden_sizes": [8], "depths": [1]}})
 
 
 @pytest.mark.parametrize("model_type", list(MODEL_TYPES))

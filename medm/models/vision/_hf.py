@@ -117,9 +117,9 @@ class HFEncoder(VisionEncoder):
         self.select_feature = select_feature
         self.model = self._model_class(cfg)(cfg)
         self.architecture = HF_ARCHITECTURES.get(cfg.model_type)
+        size = _pair(getattr(cfg, "image_size", None), "image_size", cfg.model_type)
+        patch = _pair(getattr(cfg, "patch_size", None), "patch_size", cfg.model_type)
         self.hidden_size = cfg.hidden_size
-        size, patch = _pair(cfg.image_size, "image_size", cfg.model_type), _pair(cfg.patch_size, "patch_size",
-                                                                                  cfg.model_type)
         self.grid = (size[0] // patch[0], size[1] // patch[1])
         if not isinstance(getattr(type(self), "num_cls_tokens", None), int):
             self.num_cls_tokens = self._measure_prefix(cfg, size)
@@ -160,7 +160,7 @@ class HFEncoder(VisionEncoder):
         with torch.no_grad():
             out = functional_call(self.model, fake, (x,), {"output_hidden_states": True}, strict=False)
         prefix = out.hidden_states[0].shape[1] - math.prod(self.grid)
-        if prefix < 0:
+        if out.hidden_states[0].ndim != 3 or prefix < 0:
             raise ValueError(f"vision encoder {self.registry_name!r} ({cfg.model_type}): "
                              f"{out.hidden_states[0].shape[1]} tokens for a {self.grid} patch grid; not a ViT-style "
                              "tower")
@@ -202,8 +202,9 @@ class HFEncoder(VisionEncoder):
         arch = cls._architecture(cfg)
         mean = cfg.get("image_mean") or arch.mean
         std = cfg.get("image_std") or arch.std
-        return ImagePreprocess(_pair(hf.image_size, "image_size", hf.model_type), tuple(mean), tuple(std),
-                               cfg.get("resize", "squash"), cfg.get("resample", "bicubic"))
+        size = _pair(getattr(hf, "image_size", None), "image_size", hf.model_type)
+        return ImagePreprocess(size, tuple(mean), tuple(std), cfg.get("resize", "squash"),
+                               cfg.get("resample", "bicubic"))
 
     @classmethod
     def tiny(cls, section: dict[str, Any] | None = None) -> dict[str, Any]:
