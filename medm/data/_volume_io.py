@@ -277,3 +277,41 @@ def _npy_header(path: Path) -> VolumeHeader:
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
     return VolumeHeader(path, tuple(int(s) for s in shape), None, read)
+
+
+# ---- reading: the public API of medm.data.volumes --------------------------------------------------------------------
+def read_volume_header(path: str | Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> VolumeHeader:
+    """The header of a volume (shape, affine, modality), read without decoding its voxels.
+
+    Raises:
+        VolumeLoadError: missing, empty, unsupported or unreadable source, CIFTI / RGB data, a singular affine, or
+            more voxels than `max_voxels`.
+    """
+    return read_header(Path(path), max_voxels)
+
+
+def read_volume(path: str | Path, nonfinite: str = "replace", *, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+                complex: str = "magnitude") -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a volume as float32 with non-finite voxels handled (steps 1-2 of medm.data.volumes' docstring).
+
+    Returns:
+        (array, affine): except for `.npy`, the array is in the file's voxel axes (X, Y, Z) and `affine` (4, 4)
+        maps them to RAS mm; for `.npy`, the array is (D, H, W) as stored and `affine` is None.
+
+    Raises:
+        VolumeLoadError: as `read_volume_header`, and unreadable voxel data, a real 4D or a 2D array, complex
+            voxels with `complex: refuse`, or (with `nonfinite: error`) NaN / Inf voxels.
+    """
+    array, header = _read(Path(path), nonfinite, max_voxels, complex)
+    return array, header.affine
+
+
+def _read(path: Path, nonfinite: str, max_voxels: int | None, complex: str) -> tuple[np.ndarray, VolumeHeader]:
+    header = read_header(path, max_voxels)
+    array = read_array(header, complex)
+    return replace_nonfinite(path, array, nonfinite), header
+
+
+def verify_volume(path: str | Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> None:
+    """Raise VolumeLoadError unless `path` reads as a volume (data validation without a model's settings)."""
+    read_volume(path, max_voxels=max_voxels)
