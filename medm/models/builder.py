@@ -10,6 +10,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from medm.config import ConfigError, arg, from_dict, to_dict
+from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
 from medm.models._hub import require_available
 from medm.models.checkpoint import (  # noqa: F401  (their old home; medm.models.checkpoint is theirs now)
     checkpoint_kind,
@@ -28,8 +29,6 @@ from medm.registry import CONNECTOR, KIND, LLM, TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-IMAGE3D_TOKEN = "<image3d>"
 # Constructor arguments a connector gets from the model, not from its config section.
 _CONNECTOR_GEOMETRY = {"self", "in_dim", "out_dim", "grid", "num_prefix_tokens"}
 

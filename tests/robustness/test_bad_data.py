@@ -229,7 +229,7 @@ def _train_yaml(tmp_path, data_path, **sections) -> Path:
     ("train.lerning_rate=1e-4", "train: unknown key 'lerning_rate'; valid keys: output_dir, num_train_epochs"),
     ("stage.visoin=full", "stage: unknown key 'visoin'"),
     ("data.image_dirs=x", "data: unknown key 'image_dirs'"),
-    ("model.vision.name=clipp", "model.vision.name: unknown vision encoder 'clipp'; known: clip, open_clip"),
+    ("model.vision.name=clipp", "model.vision.name: unknown vision encoder 'clipp'; known: clip, hf, open_clip"),
     ("model.connector.name=nope", "model.connector.name: unknown connector 'nope'; known: attention_pool, mlp"),
     ("model.llm.family=gpt9", "model.llm.family: unknown LLM family 'gpt9'; known: auto, llama"),
     ("model.template=chatmll", "model.template: unknown chat template 'chatmll'"),
