@@ -205,3 +205,26 @@ def resolve_relative(path: str | None, base_file: str) -> str | None:
         if os.path.dirname(folder) == folder:
             return path
         folder = os.path.dirname(folder)
+
+
+def model_section(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+    """The `model` section of a train config mapping read from `where`, and where it came from: a YAML path in it
+    (relative to cwd or to `where`) is read; shared by `medm train` and `medm data validate --model`."""
+    model = cfg.get("model")
+    if model is None:
+        raise ConfigError(f"{where}: `model` is required (a configs/model/*.yaml path or a mapping)")
+    model_where = f"{where}: model"
+    if isinstance(model, str):
+        model_where = model_file(model, where)
+        model = load_yaml(model_where)
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: `model` must be a path or a mapping, got {type(model).__name__}")
+    return model, model_where
+
+
+def model_file(path: str, where: str) -> str:
+    """The model YAML a train config at `where` names by `path`; an error names both when it is missing."""
+    found = resolve_relative(path, where)
+    if not os.path.isfile(found):
+        raise ConfigError(f"{where}: model file {path!r} not found")
+    return found

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from medm.data._volume_header import VolumeHeader, modality_name
+
 __all__ = ["read_series_header"]
 
 
 def read_series_header(folder: Path, error: type[ValueError]):
     """The `VolumeHeader` of the one DICOM series in `folder`; `error(path, reason)` is raised on bad series."""
-    import pydicom
-
-    from medm.data._volume_io import VolumeHeader, modality_name
+    import pydicom  # defers pydicom (DICOM series only)
 
     slices = []
     for file in sorted(p for p in folder.iterdir() if p.is_file()):

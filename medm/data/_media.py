@@ -6,15 +6,21 @@ so a file that validates against a model is one that model's training reads.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import yaml
 
-from medm.data.images import ImageLoadError, load_image
-from medm.data.volumes import VolumeLoadError
-from medm.registry import KIND
+from medm.config import ConfigError, model_section
+from medm.data.images import ImageLoadError, load_image, verify_image
+from medm.data.volumes import VolumeLoadError, verify_volume
+from medm.models import parse_model_args
+from medm.models.checkpoint import checkpoint_kind
+from medm.registry import KIND, VISION
 
 __all__ = ["ModelMedia", "check_media", "image_tensor", "load_model_media", "volume_tensor"]
 
@@ -60,14 +66,7 @@ def load_model_media(path: str) -> ModelMedia:
     Raises:
         ValueError / OSError: unreadable config, unknown encoder, or a Qwen-VL model (its processor decides).
     """
-    import json
-    import os
-
-    from medm.registry import VISION
-
     if os.path.isdir(path):
-        from medm.models.checkpoint import checkpoint_kind
-
         file = os.path.join(path, "config.json")
         with open(file, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -91,21 +90,12 @@ def load_model_media(path: str) -> ModelMedia:
 
 
 def _yaml_sections(path: str) -> dict[str, Any]:
-    import yaml
-
-    from medm.config import ConfigError
-    from medm.models import parse_model_args
-
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not a model or train config (a YAML mapping)")
-    if "model" in data:  # a train config
-        from medm.train.args import load_train_config
-
-        model = load_train_config(path).model
-    else:
-        model = parse_model_args(data, path)
+    # a train config: only its model section matters here (the training settings are `medm train`'s to check)
+    model = parse_model_args(*model_section(data, path)) if "model" in data else parse_model_args(data, path)
     if KIND.get(model.kind).own_processor:
         raise ConfigError(f"{path}: model kind {model.kind!r}; its processor prepares images, so --model checks only "
                           "models whose encoders do")
@@ -115,9 +105,6 @@ def _yaml_sections(path: str) -> dict[str, Any]:
 def check_media(key: str, path: str, media: ModelMedia | None = None, modality: Any = None) -> None:
     """Raise ImageLoadError / VolumeLoadError unless the file decodes; with a model's `media`, unless it also goes
     through that model's preprocessing (`key`: "image" or "image3d")."""
-    from medm.data.images import verify_image
-    from medm.data.volumes import verify_volume
-
     if media is None:
         (verify_image if key == "image" else verify_volume)(path)
     elif key == "image":

@@ -8,13 +8,13 @@ header), DICOM series folders through pydicom (`medm.data._dicom_series`).
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from medm.data._dicom_series import read_series_header
+from medm.data._volume_header import VolumeHeader, modality_name
 
 __all__ = ["DEFAULT_MAX_VOXELS", "COMPLEX_MODES", "VOLUME_SUFFIXES", "VolumeHeader", "VolumeLoadError",
            "read_header", "read_array", "replace_nonfinite"]
@@ -38,48 +38,6 @@ class VolumeLoadError(ValueError):
         self.reason = reason
 
 
-@dataclass
-class VolumeHeader:
-    """What a volume file says about itself, read without decoding the voxels.
-
-    Attributes:
-        shape: stored shape, (X, Y, Z[, ...]) in voxel axes, or (D, H, W) as stored for `.npy`.
-        affine: (4, 4) voxel -> RAS mm, or None (`.npy`: no geometry).
-        modality: "CT", "MR", ... from the DICOM Modality tag, a MetaImage Modality, or the NIfTI description;
-            None when the file does not say.
-        scale: (slope, intercept) the reader applies to the stored values, when not (1, 0).
-        oriented: False when the file carries no orientation (NIfTI qform and sform codes 0, Analyze).
-        read: () -> the stored array (any dtype; scaled when `scale` is set).
-    """
-
-    path: Path
-    shape: tuple[int, ...]
-    affine: np.ndarray | None
-    read: Callable[[], np.ndarray] = field(repr=False)
-    modality: str | None = None
-    scale: tuple[float, float] | None = None
-    oriented: bool = True
-    shape3d: tuple[int, int, int] | None = None  # `shape` without singleton extra axes, set by `read_header`
-
-
-def modality_name(text: str | None) -> str | None:
-    """"CT", "MR" or another DICOM modality code from a tag, a record field or a file description; None if unknown."""
-    if not text:
-        return None
-    t = str(text).strip().upper()
-    if t.startswith("MET_MOD_"):  # MetaImage
-        t = t[len("MET_MOD_"):]
-    if t in ("MRI", "MR"):
-        return "MR"
-    if re.fullmatch(r"[A-Z]{2,3}", t):  # a DICOM modality code: CT, MR, PT, US, ...
-        return t
-    if re.search(r"\b(CT|CTA|HU)\b", t):  # a free-text description, e.g. "CT chest 1mm"
-        return "CT"
-    if re.search(r"\b(MR|MRI|T1W?|T2W?|FLAIR|DWI|BOLD|EPI)\b", t):
-        return "MR"
-    return None
-
-
 def read_header(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> VolumeHeader:
     """The header of a volume file or DICOM series folder, with the voxel count checked against `max_voxels`.
 
@@ -91,8 +49,6 @@ def read_header(path: Path, max_voxels: int | None = DEFAULT_MAX_VOXELS) -> Volu
         raise VolumeLoadError(path, "file not found")
     name = path.name.lower()
     if path.is_dir():
-        from medm.data._dicom_series import read_series_header
-
         header = read_series_header(path, VolumeLoadError)
     elif path.stat().st_size == 0:
         raise VolumeLoadError(path, "file is empty (0 bytes)")

@@ -27,6 +27,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from medm.eval._normalize import normalize_answer
+
 TOKENIZERS = ("auto", "words", "chars")
 # Hiragana + Katakana, CJK extension A, CJK unified ideographs, compatibility ideographs, Hangul syllables,
 # half-width Katakana.
@@ -62,8 +64,6 @@ def char_tokens(text: Any) -> list[str]:
 
 def text_tokens(text: Any, tokenizer: str) -> list[str]:
     """Tokens for BLEU / METEOR: VQA-normalised whitespace tokens (`words`) or `char_tokens` (`chars`)."""
-    from medm.eval.metrics import normalize_answer
-
     return char_tokens(text) if tokenizer == "chars" else normalize_answer(text).split()
 
 
@@ -101,7 +101,7 @@ def rouge_tokens(pred: Sequence[str], ref: Sequence[str]) -> dict[str, float]:
 
 @functools.lru_cache(maxsize=2)
 def _rouge_scorer(use_stemmer: bool):
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # defers rouge_score (ROUGE only)
 
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
 
@@ -112,8 +112,6 @@ def rouge_scores(prediction: Any, reference: Any, tokenizer: str = "auto", norma
 
     `normalize` (words only) applies VQA normalisation before `rouge-score`'s tokenizer.
     """
-    from medm.eval.metrics import normalize_answer
-
     if resolve_tokenizer(tokenizer, prediction, reference) == "chars":
         return rouge_tokens(char_tokens(prediction), char_tokens(reference))
     prep = normalize_answer if normalize else str
@@ -131,7 +129,7 @@ class _NoSynonyms:
 
 def meteor(prediction: Any, reference: Any, tokenizer: str = "auto") -> float:
     """METEOR in [0, 1] (nltk, exact + Porter-stem matches, no WordNet synonyms); 0 when either text is empty."""
-    from nltk.translate.meteor_score import single_meteor_score
+    from nltk.translate.meteor_score import single_meteor_score  # defers nltk (METEOR only)
 
     tok = resolve_tokenizer(tokenizer, prediction, reference)
     hyp, ref = text_tokens(prediction, tok), text_tokens(reference, tok)

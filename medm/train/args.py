@@ -14,7 +14,8 @@ from typing import Any
 from transformers import SchedulerType
 from transformers.training_args import OptimizerNames
 
-from medm.config import ConfigError, apply_overrides, arg, from_dict, load_yaml, resolve_relative
+from medm.config import ConfigError, apply_overrides, arg, from_dict, load_yaml, model_file, model_section
+from medm.data.dataset import DataArgs
 from medm.models import ModelArgs, parse_model_args
 
 
@@ -128,15 +129,7 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
     unknown = [k for k in cfg if k not in ("model", "data", "stage", "train")]
     if unknown:
         raise ConfigError(f"{where}: unknown section {unknown[0]!r}; valid sections: model, data, stage, train")
-    model = cfg.get("model")
-    if model is None:
-        raise ConfigError(f"{where}: `model` is required (a configs/model/*.yaml path or a mapping)")
-    model_where = f"{where}: model"
-    if isinstance(model, str):
-        model_where = _model_file(model, where)
-        model = load_yaml(model_where)
-    if not isinstance(model, dict):
-        raise ConfigError(f"{where}: `model` must be a path or a mapping, got {type(model).__name__}")
+    model, model_where = model_section(cfg, where)
     stage = from_dict(StagePlan, cfg.get("stage"), f"{where}: stage")
     train = from_dict(TrainArgs, cfg.get("train"), f"{where}: train")
     if not train.output_dir:
@@ -145,8 +138,6 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
     if cfg.get("data") is not None and not isinstance(cfg["data"], dict):
         raise ConfigError(f"{where}: `data` must be a mapping")
     if cfg.get("data") is not None:
-        from medm.data.dataset import DataArgs
-
         from_dict(DataArgs, cfg["data"], f"{where}: data")  # a misspelt key fails here, before any model is built
     return TrainConfig(model=parse_model_args(model, model_where), data=cfg.get("data"), stage=stage, train=train)
 
@@ -172,13 +163,6 @@ def check_data_files(cfg: TrainConfig, where: str = "train config") -> None:
             raise ConfigError(f"{where}: data.path {path!r} {what}")
 
 
-def _model_file(path: str, where: str) -> str:
-    found = resolve_relative(path, where)
-    if not os.path.isfile(found):
-        raise ConfigError(f"{where}: model file {path!r} not found")
-    return found
-
-
 def load_train_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a train YAML and apply `a.b=c` overrides in order.
 
@@ -187,6 +171,6 @@ def load_train_config(path: str, overrides: list[str] | None = None) -> TrainCon
     cfg = load_yaml(path)
     for item in overrides or []:
         if item.startswith("model.") and isinstance(cfg.get("model"), str):
-            cfg["model"] = load_yaml(_model_file(cfg["model"], path))
+            cfg["model"] = load_yaml(model_file(cfg["model"], path))
         apply_overrides(cfg, [item])
     return parse_train_config(cfg, where=path)
