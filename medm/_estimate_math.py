@@ -159,7 +159,7 @@ def vision_loads(model: nn.Module, modes: dict, images: dict[str, int]) -> list[
             continue
         mode = modes.get(enc_name)
         blocks = encoder_blocks(enc)
-        trained = 0 if mode is None or mode.kind == "frozen" else mode.blocks if mode.kind == "partial" else len(blocks)
+        trained = 0 if mode is None or mode.name == "frozen" else mode.blocks if mode.name == "partial" else len(blocks)
         hf_cfg = getattr(getattr(enc, "model", None), "config", None)
         inter = getattr(hf_cfg, "intermediate_size", None) or 4 * enc.hidden_size
         out.append(VisionLoad(enc.num_prefix_tokens + math.prod(enc.grid), con.num_tokens, enc.hidden_size, inter,

@@ -212,7 +212,7 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
     model, _ = meta_model(cfg.model)
     plan = copy.deepcopy(cfg.stage) if cfg.stage is not None else StagePlan()
     modes = resolve_plan(model, plan)
-    qlora = modes.get("llm") is not None and modes["llm"].kind == "qlora"
+    qlora = modes.get("llm") is not None and modes["llm"].name == "qlora"
     if qlora:
         # 4-bit quantisation needs CUDA: count the same adapters on the unquantised model, weights at 4 bits below.
         plan.llm = LORA
@@ -264,7 +264,7 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
                 train.gradient_checkpointing, "deepspeed": zero.deepspeed, "zero_stage": zero.stage,
                 "offload_optimizer": zero.offload_optimizer, "offload_param": zero.offload_param,
                 "num_gpus": num_gpus, "optimizer": train.optim, "attn_implementation": attn, "images_per_sample":
-                images, "modes": {k: v.kind + (f":{v.blocks}" if v.blocks else "") for k, v in modes.items()},
+                images, "modes": {k: v.name + (f":{v.blocks}" if v.blocks else "") for k, v in modes.items()},
                 "qlora": qlora}
     return Estimate(int(weight_bytes), int(grad_bytes), int(opt_bytes), acts, per_sample, params, settings)
 

@@ -213,3 +213,12 @@ def test_cycle_finder_sees_a_deferred_circle():
     # eval.text), and leaves a chain alone.
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_grep_for_kind_equals_finds_only_the_registry():
+    # `grep -rn 'kind ==' medm` is how a reader looks for kind branches: stage modes (`Mode.name`) and data-check
+    # problems do not answer it, so every hit is the registry's.
+    hits = [f"{path.relative_to(ROOT.parent)}:{i}" for path in sorted(ROOT.rglob("*.py"))
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if "kind ==" in line and path.name != "registry.py"]
+    assert not hits, hits

@@ -106,8 +106,11 @@ def validate_files(paths: list[str], image_dir: str | None = None, for_training:
                     errors.insert(0, RecordError(rec.id, "duplicate_id", f"{path} item {i} repeats the id of "
                                                                          f"{first[rec.id]} (ids must be unique)"))
                 first.setdefault(rec.id, f"{path} item {i}")
-            for kind in dict.fromkeys(e.kind for e in errors):
-                report.failures[kind].append(next(e for e in errors if e.kind == kind))
+            first_of_each: dict[str, RecordError] = {}
+            for e in errors:
+                first_of_each.setdefault(e.kind, e)
+            for problem, error in first_of_each.items():  # one failure per kind of problem and record
+                report.failures[problem].append(error)
             if not errors:
                 report.good.append(raw)
     return report

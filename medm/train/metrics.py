@@ -80,7 +80,7 @@ class ModelCardCallback(TrainerCallback):
             modes = resolve_plan(base, self.train_config.stage)
             write_model_card(ckpt_dir, config=base.config, fmt=checkpoint_format(modes),
                              train_config=self.train_config, state=state,
-                             modes={k: m.kind + (f":{m.blocks}" if m.blocks else "") for k, m in modes.items()})
+                             modes={k: m.name + (f":{m.blocks}" if m.blocks else "") for k, m in modes.items()})
         except Exception as e:  # a card must never cost a run its final weights (saved after on_train_end)
             logger.warning("could not write the model card %s: %s: %s", os.path.join(ckpt_dir, CARD_FILE),
                            type(e).__name__, e)

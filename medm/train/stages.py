@@ -38,32 +38,32 @@ ALLOWED = {"vision": ("frozen", "full", "lora", "partial"), "vision3d": ("frozen
 class Mode:
     """One component's mode; `blocks` is N of `partial:N`."""
 
-    kind: str
+    name: str  # frozen | full | lora | qlora | partial
     blocks: int = 0
 
     @property
     def trains(self) -> bool:
-        return self.kind != "frozen"
+        return self.name != "frozen"
 
     @property
     def adapter(self) -> bool:
-        return self.kind in ("lora", "qlora")
+        return self.name in ("lora", "qlora")
 
 
 def parse_mode(component: str, value: str) -> Mode:
     """`full` -> Mode("full"); `partial:2` -> Mode("partial", 2); errors name `stage.<component>`."""
     text = str(value).strip()
-    kind, _, n = text.partition(":")
-    if kind not in ALLOWED[component]:
+    name, _, n = text.partition(":")
+    if name not in ALLOWED[component]:
         raise ConfigError(f"stage.{component}: {value!r} is not a mode for the {component}; "
                           f"valid: {', '.join('partial:N' if a == 'partial' else a for a in ALLOWED[component])}")
-    if kind == "partial":
+    if name == "partial":
         if not n.isdigit() or int(n) < 1:
             raise ConfigError(f"stage.{component}: {value!r} must be partial:N with N >= 1 (the last N blocks)")
-        return Mode(kind, int(n))
+        return Mode(name, int(n))
     if n:
         raise ConfigError(f"stage.{component}: {value!r}: only partial takes a ':N'")
-    return Mode(kind)
+    return Mode(name)
 
 
 def component_paths(model: nn.Module) -> dict[str, list[str]]:
@@ -160,7 +160,7 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
     modes = resolve_plan(model, plan)
     paths = component_paths(model)
     head = model.get_output_embeddings()
-    if modes["llm"].kind == "qlora":
+    if modes["llm"].name == "qlora":
         # The LLM was loaded in 4 bits (medm.train._qlora.qlora_load_config at from_pretrained); this freezes it and
         # keeps the rest in float32 before the adapters go on.
         from medm.train._qlora import prepare_qlora
@@ -171,13 +171,13 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
     to_save: list[str] = []
     for name, mode in modes.items():
         modules = [(path, model.get_submodule(path)) for path in paths[name]]
-        if mode.kind == "full":
+        if mode.name == "full":
             for path, module in modules:
                 module.requires_grad_(True)
                 # PEFT wraps each saved module; a ModuleList is iterated, not called, so its items are saved.
                 to_save += ([f"{path}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList)
                             else [path])
-        elif mode.kind == "partial":
+        elif mode.name == "partial":
             blocks = encoder_blocks(modules[0][1])
             if mode.blocks > len(blocks):
                 raise ConfigError(f"stage.{name}: partial:{mode.blocks} but the encoder has {len(blocks)} blocks")
@@ -195,7 +195,7 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
             lora_targets += _linear_names(modules, targets, exclude, f"stage.lora ({name})")
     freeze_unused(model)
     for name, mode in modes.items():
-        if mode.kind in ("full", "partial") and not any(
+        if mode.name in ("full", "partial") and not any(
                 p.requires_grad for path in paths[name] for p in model.get_submodule(path).parameters()):
             raise ConfigError(f"stage.{name}: {plan_value(plan, name)!r} trains only blocks the features never use "
                               f"(model.{name}.select_layer picks an earlier layer); train more blocks")

@@ -265,11 +265,11 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
                 if rank0 and not (resume and os.path.isdir(base)):
                     save_model(model, tokenizer, base)
     train_model = apply_plan(model, cfg.stage, compute_dtype)
-    logger.info("stage %s: %s", {k: v.kind + (f":{v.blocks}" if v.blocks else "") for k, v in modes.items()},
+    logger.info("stage %s: %s", {k: v.name + (f":{v.blocks}" if v.blocks else "") for k, v in modes.items()},
                 describe(train_model))
     if dataset is None:
         dataset, collator, sampler = build_training_inputs(cfg, model, tokenizer)
-    encoder_trains = any(modes[e].kind in ("full", "partial") for e in ENCODERS if e in modes)
+    encoder_trains = any(modes[e].name in ("full", "partial") for e in ENCODERS if e in modes)
     # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them.
     args.ddp_find_unused_parameters = True if encoder_trains else None
     # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.train.metrics).

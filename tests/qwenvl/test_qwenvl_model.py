@@ -69,7 +69,7 @@ def test_bad_qwen_vl_configs_are_named(cfg, message):
 def _modes(model, **stage):
     lora = stage.pop("lora", {})
     plan = StagePlan(**stage, lora=LoraArgs(r=4, alpha=8, **lora))
-    return plan, {k: m.kind for k, m in resolve_plan(model, plan).items()}
+    return plan, {k: m.name for k, m in resolve_plan(model, plan).items()}
 
 
 def test_stage_plans_on_a_qwen_vl_model():
