@@ -13,7 +13,7 @@ def name_accelerator_for_deepspeed() -> None:
     """
     if "DS_ACCELERATOR" in os.environ:
         return
-    import torch
+    import torch  # defers torch (medm --help)
 
     if not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from medm.config import resolve_relative
+
 if TYPE_CHECKING:  # torch loads where an estimate runs, so `medm --help` does not wait for it
     from torch import nn
 
@@ -60,7 +62,7 @@ def _base(model: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
     """Per stage component (vision, connector, llm, ...): `total` and `trainable` parameter counts (LoRA
     adapters count in the component they adapt). Parameters outside every component are under `other`."""
-    from medm.train.stages import component_paths
+    from medm.train.stages import component_paths  # defers torch, transformers
 
     base = _base(model)
     owner: dict[int, str] = {}
@@ -89,7 +91,6 @@ def zero_settings(path: str | None, base_file: str | None = None) -> ZeroSetting
     """ZeRO stage and offloading from a DeepSpeed JSON (`train.deepspeed`); no file: plain Trainer."""
     if not path:
         return ZeroSettings()
-    from medm.config import resolve_relative
 
     found = resolve_relative(path, base_file) if base_file else path
     if not os.path.isfile(found):
@@ -149,7 +150,7 @@ class VisionLoad:
 
 
 def vision_loads(model: nn.Module, modes: dict, images: dict[str, int]) -> list[VisionLoad]:
-    from medm.train.stages import encoder_blocks
+    from medm.train.stages import encoder_blocks  # defers torch, transformers
 
     base = _base(model)
     out = []
@@ -179,7 +180,7 @@ class LoraLoad:
 
 def lora_load(model: nn.Module) -> LoraLoad:
     """What LoRA adds to the first LLM layer (every layer is alike)."""
-    from medm.train.stages import encoder_blocks
+    from medm.train.stages import encoder_blocks  # defers torch, transformers
 
     base = _base(model)
     llm = getattr(base, "llm", None) or base
@@ -247,7 +248,7 @@ def activation_bytes(geo: Geometry, tokens: int, seq_len: int, *, compute_bytes:
 
 def _quantised_llm_weights(model: nn.Module) -> list[tuple[int, int]]:
     """(numel, element size) of the LLM linear weights QLoRA quantises (all but the output head)."""
-    from torch import nn
+    from torch import nn  # defers torch
 
     base = _base(model)
     head = base.get_output_embeddings()

@@ -9,10 +9,11 @@ import argparse
 import os
 import sys
 
+from medm._accelerator import name_accelerator_for_deepspeed
+from medm.registry import REGISTRIES
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from medm.registry import REGISTRIES
-
     for kind, reg in REGISTRIES.items():
         print(f"{kind} ({reg.kind}): {', '.join(reg.names())}")
     return 0
@@ -78,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         hint = _settings_hint(extra) if hasattr(args, "overrides") and any(e.startswith("--") for e in extra) else ""
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command in _SAVING_COMMANDS:
-        from medm._accelerator import name_accelerator_for_deepspeed
-
         name_accelerator_for_deepspeed()
     try:
         return int(args.func(args) or 0)

@@ -19,6 +19,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from medm.data.annotations import load_records
+
 # torch, the trainer and the data builders load in `run_demo`, so `medm --help` does not wait for them.
 
 logger = logging.getLogger(__name__)
@@ -35,10 +37,10 @@ DEMOS = {
 def demo_data(variant: str):
     """(builder writing `captions` / `train` / `test`, question kinds) of a demo variant: 2D phantoms, or volumes."""
     if variant == "3d":
-        from medm.data.builders.phantoms3d import KINDS, build_phantoms3d
+        from medm.data.builders.phantoms3d import KINDS, build_phantoms3d  # defers numpy (medm --help)
 
         return build_phantoms3d, KINDS
-    from medm.data.builders.phantoms import KINDS, build_phantoms
+    from medm.data.builders.phantoms import KINDS, build_phantoms  # defers numpy (medm --help)
 
     return build_phantoms, KINDS
 
@@ -75,12 +77,11 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
              n_train: int = 4000, n_test: int = 200, seed: int = 0, kind: str = "medm",
              threads: int | None = None) -> dict:
     """Build the data, train the stages of `kind` (see `DEMOS`), evaluate, and write `out/results.json`."""
-    import torch
+    import torch  # defers torch
 
-    from medm.data.annotations import load_records
-    from medm.infer import GenerationSettings, Predictor
-    from medm.train.args import load_train_config
-    from medm.train.trainer import run_training
+    from medm.infer import GenerationSettings, Predictor  # defers torch, transformers
+    from medm.train.args import load_train_config  # defers torch, transformers
+    from medm.train.trainer import run_training  # defers torch, transformers
 
     if kind not in DEMOS:
         raise ValueError(f"unknown demo kind {kind!r}; known: {', '.join(DEMOS)}")

@@ -58,7 +58,8 @@ from medm._estimate_math import (  # noqa: F401  (tests and benchmarks import th
     vision_loads,
     zero_settings,
 )
-from medm.registry import KIND
+from medm.config import ConfigError, to_dict
+from medm.registry import KIND, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,9 @@ def _offline_model_args(model_args):
     Returns (args, llm_vocab): llm_vocab is the pretrained LLM's vocabulary size, which the built model keeps
     (medm.models.builder resizes only when the tokenizer is larger), or None for a config-only LLM.
     """
-    from medm.models.builder import load_tokenizer
-    from medm.models.llm import resolve_text_config
-    from medm.models.tiny import TINY_TEMPLATE_FOR_FAMILY
-    from medm.registry import VISION
+    from medm.models.builder import load_tokenizer  # defers torch, transformers
+    from medm.models.llm import resolve_text_config  # defers torch, transformers
+    from medm.models.tiny import TINY_TEMPLATE_FOR_FAMILY  # defers torch, transformers
 
     args = copy.deepcopy(model_args)
     offline = KIND.get(args.kind).estimate_offline_args
@@ -123,9 +123,9 @@ def meta_model(model_args):
 
     A pretrained LLM keeps its own vocabulary size (or the tokenizer's, when larger), as `build_model` does.
     """
-    import torch
+    import torch  # defers torch
 
-    from medm.models.builder import build_model
+    from medm.models.builder import build_model  # defers torch, transformers
 
     args, vocab = _offline_model_args(model_args)
     with torch.device("meta"):
@@ -199,10 +199,10 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
         images_per_sample: images (and volumes) per sample for each encoder the model has; default 1.
         config_file: the YAML `cfg` came from (relative `train.deepspeed` paths start there).
     """
-    import torch
+    import torch  # defers torch
 
-    from medm.models.llm import resolve_dtype
-    from medm.train.stages import LORA, StagePlan, apply_plan, resolve_plan
+    from medm.models.llm import resolve_dtype  # defers torch, transformers
+    from medm.train.stages import LORA, StagePlan, apply_plan, resolve_plan  # defers torch, transformers
 
     train = cfg.train
     micro_batch = micro_batch or train.per_device_train_batch_size
@@ -272,10 +272,9 @@ def estimate(cfg, *, num_gpus: int = 1, micro_batch: int | None = None, seq_len:
 # ---- command line -----------------------------------------------------------------------------------------------
 def load_config(path: str, overrides: list[str] | None = None, tiny: bool = False):
     """A train config, optionally with its model swapped for the tiny offline twin (medm.models.tiny)."""
-    from medm.config import to_dict
-    from medm.models import parse_model_args
-    from medm.models.tiny import tiny_overrides
-    from medm.train.args import load_train_config
+    from medm.models import parse_model_args  # defers torch, transformers
+    from medm.models.tiny import tiny_overrides  # defers torch, transformers
+    from medm.train.args import load_train_config  # defers torch, transformers
 
     cfg = load_train_config(path, overrides)
     if tiny:
@@ -285,8 +284,6 @@ def load_config(path: str, overrides: list[str] | None = None, tiny: bool = Fals
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from medm.config import ConfigError
-
     try:
         cfg = load_config(args.config, args.overrides, tiny=args.tiny)
         est = estimate(cfg, num_gpus=args.num_gpus, micro_batch=args.micro_batch, seq_len=args.seq_len,

@@ -4,6 +4,7 @@ are told apart (docs/concepts.md, "Model kinds and checkpoints")."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,114 @@ def test_grep_for_kind_equals_finds_only_the_registry():
             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
             if "kind ==" in line and path.name != "registry.py"]
     assert not hits, hits
+
+
+# Third-party packages slow or optional enough that an import inside a function may defer them (`medm --help` stays
+# free of torch and numpy, tests/test_cli_main.py; a DICOM, NIfTI, parquet or plotting dependency is paid only by who
+# uses it).
+HEAVY = {"numpy", "PIL", "torch", "transformers", "deepspeed", "peft", "bitsandbytes", "monai", "gradio", "fastapi",
+         "uvicorn", "open_clip", "timm", "SimpleITK", "nibabel", "pydicom", "datasets", "pyarrow", "matplotlib",
+         "tensorboard", "rouge_score", "nltk", "huggingface_hub"}
+_LOADS_TORCH = ("safetensors.torch",)  # light package, heavy submodule
+
+
+def _lazy_exports() -> dict[str, dict[str, str]]:
+    """Package -> {name: module} of the packages that load their names on first use (medm._lazy)."""
+    out = {}
+    for name, tree in MODULES.items():
+        if (ROOT / "/".join(name.split(".")[1:]) / "__init__.py").exists() and "lazy_exports" in ast.unparse(tree):
+            out[name] = importlib.import_module(name)._EXPORTS
+    return out
+
+
+LAZY = _lazy_exports()
+
+
+def _loads(module: str, node: ast.Import | ast.ImportFrom) -> tuple[set[str], set[str]]:
+    """(medm modules, heavy third-party packages) an import statement runs: parent packages included, and a name
+    of a lazily exporting package resolved to the module that defines it."""
+    internal = set(_imported(module, node))
+    if isinstance(node, ast.ImportFrom) and not node.level and node.module in LAZY:
+        internal |= {LAZY[node.module][a.name] for a in node.names if a.name in LAZY[node.module]}
+    internal = {".".join(t.split(".")[:i]) for t in internal if t in MODULES for i in range(1, len(t.split(".")) + 1)}
+    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+    external = {n.split(".")[0] for n in names if n.split(".")[0] != "medm" and not getattr(node, "level", 0)}
+    if any(n.startswith(_LOADS_TORCH) for n in names):
+        external.add("torch")
+    return internal & set(MODULES), external & HEAVY
+
+
+def _import_nodes(module: str):
+    """(import statement, inside a function?) of `module`, `if TYPE_CHECKING:` blocks left out."""
+    def visit(node: ast.AST, in_function: bool):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, in_function
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            yield from visit(child, inner)
+
+    yield from visit(MODULES[module], False)
+
+
+def _heavy_at_import() -> dict[str, set[str]]:
+    """Module -> the heavy packages importing it loads (its top-level imports, followed through medm)."""
+    direct = {}
+    for m in MODULES:
+        internal = {".".join(m.split(".")[:i]) for i in range(1, len(m.split(".")))} & set(MODULES)
+        external: set[str] = set()
+        for node, in_function in _import_nodes(m):
+            if not in_function:
+                i, e = _loads(m, node)
+                internal |= i - {m}
+                external |= e
+        direct[m] = (internal, external)
+    out = {}
+    for m in MODULES:
+        seen, todo, heavy = set(), [m], set()
+        while todo:
+            t = todo.pop()
+            if t not in seen:
+                seen.add(t)
+                heavy |= direct[t][1]
+                todo.extend(direct[t][0])
+        out[m] = heavy
+    return out
+
+
+def _imports_inside_functions() -> list[tuple[str, int, str, set[str]]]:
+    """(module, line, source line, heavy packages it defers: loaded by it but not by importing the module)."""
+    heavy = _heavy_at_import()
+    out = []
+    for m in MODULES:
+        lines = (ROOT.parent / Path(*m.split("."))).with_suffix(".py").read_text(encoding="utf-8").splitlines() \
+            if not (ROOT.parent / Path(*m.split("."))).is_dir() \
+            else (ROOT.parent / Path(*m.split(".")) / "__init__.py").read_text(encoding="utf-8").splitlines()
+        for node, in_function in _import_nodes(m):
+            if in_function:
+                internal, external = _loads(m, node)
+                loads = external.union(*(heavy[t] for t in internal))
+                out.append((m, node.lineno, lines[node.lineno - 1], loads - heavy[m]))
+    return out
+
+
+def test_imports_inside_functions_defer_a_heavy_package_and_say_which():
+    # An import inside a function hides the layering (the circles above hid that way); one is kept only where it
+    # defers a heavy or optional package the module does not load anyway, and its line says which.
+    found = _imports_inside_functions()
+    assert found, "the walk sees the deferred imports (torch in medm.cli's commands)"
+    needless = [f"{m}:{line} {text.strip()}" for m, line, text, defers in found if not defers]
+    assert not needless, needless
+    unsaid = [f"{m}:{line} {text.strip()} (defers {', '.join(sorted(defers))})" for m, line, text, defers in found
+              if not any(f"# defers {p}" in text or f", {p}" in text.partition("# defers")[2] for p in defers)]
+    assert not unsaid, unsaid
+
+
+def test_deferral_check_sees_a_needless_deferred_import():
+    # medm.data.cli defers medm.data._media (torch); medm.config is light, so deferring it would be needless.
+    heavy = _heavy_at_import()
+    assert "torch" in heavy["medm.data._media"] and "torch" not in heavy["medm.data.cli"]
+    node = ast.parse("from medm.config import ConfigError").body[0]
+    internal, external = _loads("medm.data.cli", node)
+    assert internal and not external and not set().union(*(heavy[t] for t in internal)) - heavy["medm.data.cli"]

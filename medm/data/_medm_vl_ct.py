@@ -45,7 +45,7 @@ def medm_vl_volume(path: str | Path, size, steps: str, route: str = "slices") ->
         VolumeLoadError: not a `.npy`, not 3D, or (slices route with `stored`) values outside 0..255: then the file
             holds HU, which `hu` (MedM-VL b1b0770 and later) clips.
     """
-    from monai.transforms import CropForeground, Resize
+    from monai.transforms import CropForeground, Resize  # defers monai
 
     path = Path(path)
     if steps not in MEDM_VL_CT or route not in ROUTES:

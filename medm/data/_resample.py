@@ -11,8 +11,8 @@ __all__ = ["resample_world"]
 def resample_world(x, affine: np.ndarray, spacing: list | None):
     """(1, X, Y, Z) MetaTensor -> the same volume on an axis-aligned RAS grid covering it (trilinear); voxels
     outside the scan get the volume's minimum. Voxel sizes: `spacing` (depth first) or the file's own."""
-    from monai.transforms import SpatialResample
-    from nibabel.orientations import io_orientation
+    from monai.transforms import SpatialResample  # defers monai
+    from nibabel.orientations import io_orientation  # defers nibabel
 
     m = affine[:3, :3]
     if np.count_nonzero(np.abs(m) > 1e-6 * np.abs(m).max()) == 3:

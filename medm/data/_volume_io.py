@@ -154,7 +154,7 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
 
 # ---- formats ------------------------------------------------------------------------------------------------------
 def _nibabel_header(path: Path) -> VolumeHeader:
-    import nibabel as nib
+    import nibabel as nib  # defers nibabel
 
     kind = "NIfTI" if path.name.lower().endswith(NIFTI_SUFFIXES) else "volume"
     try:
@@ -187,7 +187,7 @@ def _nibabel_header(path: Path) -> VolumeHeader:
 
 
 def _itk_header(path: Path) -> VolumeHeader:
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # defers SimpleITK
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

@@ -18,6 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
+from medm._docstrings import docstring_args
 from medm.data.annotations import (
     FAILURE_KINDS,
     AnnotationError,
@@ -29,6 +32,8 @@ from medm.data.annotations import (
     write_json_records,
     write_records,
 )
+from medm.data.split import SplitError, split_file
+from medm.registry import BUILDER
 
 if TYPE_CHECKING:
     from medm.data._media import ModelMedia
@@ -51,7 +56,7 @@ def check_files(record: Record, image_dir: str | None = None, decode: bool = Tru
                 media: ModelMedia | None = None) -> list[RecordError]:
     """Missing or undecodable media of one record (every file is checked; nothing stops at the first); with a
     model's `media`, media its preprocessing (as training applies it) fails on."""
-    from medm.data._media import check_media
+    from medm.data._media import check_media  # defers torch, transformers
 
     errors = []
     for key, paths in (("image", record.image), ("image3d", record.image3d)):
@@ -129,7 +134,7 @@ def _print_report(report: ValidationReport, paths: list[str], max_ids: int = 20)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from medm.data._media import load_model_media
+    from medm.data._media import load_model_media  # defers torch, transformers
 
     try:
         media = load_model_media(args.model) if args.model else None
@@ -165,8 +170,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def builder_kwargs(builder, options: list[str]) -> dict[str, Any]:
     """`["--out", "d", "--n-train", "100"]` -> `{"out": "d", "n_train": 100}` (values parsed as YAML), checked
     against the builder's signature: unknown or missing required options are errors that list the valid ones."""
-    import yaml
-
     params = inspect.signature(builder).parameters
     flags = ", ".join("--" + p.replace("_", "-") for p in params)
     if len(options) % 2:
@@ -186,8 +189,6 @@ def builder_kwargs(builder, options: list[str]) -> dict[str, Any]:
 
 def builder_help(name: str, builder) -> str:
     """`medm data build NAME --help`: the builder's options from its signature, described by its docstring."""
-    from medm._docstrings import docstring_args
-
     doc = inspect.getdoc(builder) or ""
     texts = docstring_args(builder)
     parser = argparse.ArgumentParser(
@@ -206,8 +207,6 @@ def builder_help(name: str, builder) -> str:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from medm.registry import BUILDER
-
     try:
         builder = BUILDER.get(args.name)
         if "-h" in args.options or "--help" in args.options:
@@ -228,8 +227,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from medm.data.split import SplitError, split_file
-
     try:
         result = split_file(args.file, args.out, args.dev_ratio, args.seed, args.by, args.list_key or None)
     except (SplitError, ValueError, OSError) as e:

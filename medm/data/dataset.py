@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from medm.config import arg
+from medm.config import ConfigError, arg
 from medm.data._bad_samples import BadSamples, SkipsBadSamples
 from medm.data._encoded import EncodingLog
 from medm.data._media import image_tensor, volume_tensor
-from medm.data.annotations import Record, load_records, resolve_path
+from medm.data.annotations import AnnotationError, Record, load_records, resolve_path
 from medm.data.images import ImageLoadError
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
 from medm.data.volumes import VolumeLoadError
@@ -221,9 +221,6 @@ def require_samples(dataset, data_args: DataArgs) -> None:
         AnnotationError: the data file(s) hold no records.
         ConfigError: every record was dropped by `data.max_length`.
     """
-    from medm.config import ConfigError
-    from medm.data.annotations import AnnotationError
-
     if len(dataset.samples):
         return
     if not dataset.num_dropped:

@@ -213,8 +213,8 @@ def _first(value) -> float | None:
 
 
 def _load_dicom(path: Path, window: tuple[float, float] | None, max_pixels: int | None) -> Image.Image:
-    import pydicom  # imported here: only DICOM users pay for it
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+    import pydicom  # defers pydicom: imported here: only DICOM users pay for it
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array  # defers pydicom
 
     try:
         ds = pydicom.dcmread(path, force=True)

@@ -331,8 +331,8 @@ class VolumePreprocess:
             raise VolumeLoadError(path, f"preprocessing failed ({type(e).__name__}: {e})") from e
 
     def _steps(self, path: Path, modality: str | None) -> torch.Tensor:
-        from monai.data import MetaTensor
-        from monai.transforms import CropForeground, Orientation, Resize, Spacing
+        from monai.data import MetaTensor  # defers monai
+        from monai.transforms import CropForeground, Orientation, Resize, Spacing  # defers monai
 
         a = self.args
         array, header = _read(path, a.nonfinite, a.max_voxels, a.complex)
@@ -368,7 +368,13 @@ class VolumePreprocess:
 
     # ---- augmentation ---------------------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        from monai.transforms import Compose, RandFlip, RandRotate90, RandScaleIntensity, RandShiftIntensity
+        from monai.transforms import (  # defers monai
+            Compose,
+            RandFlip,
+            RandRotate90,
+            RandScaleIntensity,
+            RandShiftIntensity,
+        )
 
         a = self.args
         chain = [RandRotate90(prob=a.rot90_prob, spatial_axes=(1, 2))] if a.rot90_prob > 0 else []

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from medm.config import ConfigError, arg, from_dict, load_yaml
+from medm.registry import TASK
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
                          "bench")
@@ -64,7 +66,6 @@ def load_suite(name_or_path: str) -> Suite:
         raise ConfigError(f"{path}: 'tasks' must be a non-empty list of benchmarks")
     raw["tasks"] = [from_dict(BenchTask, t, f"{path}: tasks[{i}]") for i, t in enumerate(tasks)]
     suite = from_dict(Suite, raw, path)
-    from medm.registry import TASK
 
     names = [t.name for t in suite.tasks]
     for t in suite.tasks:
@@ -100,7 +101,7 @@ class BenchResult:
 
 
 def _device(device: str | None) -> str:
-    import torch
+    import torch  # defers torch
 
     return ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
 
@@ -110,7 +111,7 @@ def _join(root: str | None, path: str | None) -> str | None:
 
 
 def _complete(preds: str, ids: list[str]) -> bool:
-    from medm.infer.predictions import read_predictions
+    from medm.infer.predictions import read_predictions  # defers torch, transformers
 
     if not os.path.isfile(preds):
         return False
@@ -133,10 +134,9 @@ def run_bench(suite: Suite, model: str, out: str, *, compare: str | None = None,
     """Infer and evaluate every task of `suite` (or the tasks named in `only`) with the checkpoint `model` into
     `out` (resumable), then write `bench.md` and `bench.csv`. `compare` is another model's bench folder for the
     same suite."""
-    from medm.eval.report import evaluate, write_report
-    from medm.infer.generate import GenerationSettings, Predictor
-    from medm.infer.predictions import run_inference
-    from medm.registry import TASK
+    from medm.eval.report import evaluate, write_report  # defers torch, transformers
+    from medm.infer.generate import GenerationSettings, Predictor  # defers torch, transformers
+    from medm.infer.predictions import run_inference  # defers torch, transformers
 
     result = BenchResult(suite, model, out, compare=compare)
     unknown = sorted(set(only or []) - {t.name for t in suite.tasks})
@@ -180,10 +180,6 @@ def run_bench(suite: Suite, model: str, out: str, *, compare: str | None = None,
 
 def _row_from_disk(spec: BenchTask, out: str, compare: str | None) -> BenchRow | None:
     """The table line of a task evaluated by an earlier run (its metrics.json), or None."""
-    import json
-
-    from medm.registry import TASK
-
     path = os.path.join(out, spec.name, "metrics.json")
     if not os.path.isfile(path):
         return None

@@ -13,9 +13,12 @@ import argparse
 import os
 import sys
 
+from medm.config import ConfigError
+from medm.eval.bench import load_suite, run_bench
+
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from medm.eval.report import evaluate, render_markdown, write_report
+    from medm.eval.report import evaluate, render_markdown, write_report  # defers torch, transformers
 
     try:
         result = evaluate(args.task, args.pred, protocol=args.protocol, blank=args.blank, image_dir=args.image_dir,
@@ -31,9 +34,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from medm.config import ConfigError
-    from medm.eval.bench import load_suite, run_bench
-
     try:
         suite = load_suite(args.suite)
         out = args.out or os.path.join("runs", "bench", suite.name,

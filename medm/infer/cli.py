@@ -12,13 +12,13 @@ import logging
 import os
 import sys
 
+from medm.data.annotations import load_records
+from medm.registry import TASK
+
 
 def _records(args: argparse.Namespace):
     if args.layout == "records":
-        from medm.data.annotations import load_records
-
         return load_records(args.data)
-    from medm.registry import TASK
 
     readers = [n for n in TASK.names() if TASK.get(n).source_layout is not None]
     if args.layout not in readers:
@@ -39,10 +39,10 @@ def _same_file(a: str, b: str) -> bool:
 def open_predictor(args: argparse.Namespace, image_dir: str | None = None):
     """`--model` (over `--base` when given) as a `Predictor` on `--device` with `--dtype`, `--template`,
     `--system-prompt` and `--trust-remote-code`: how `medm infer`, `medm chat` and `medm serve` open a model."""
-    import torch
+    import torch  # defers torch
 
-    from medm.infer.generate import predictor_for
-    from medm.models.checkpoint import load_trained
+    from medm.infer.generate import predictor_for  # defers torch, transformers
+    from medm.models.checkpoint import load_trained  # defers torch, transformers
 
     device = args.device
     if device in (None, "auto"):
@@ -54,8 +54,8 @@ def open_predictor(args: argparse.Namespace, image_dir: str | None = None):
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from medm.infer.generate import GenerationSettings
-    from medm.infer.predictions import run_inference
+    from medm.infer.generate import GenerationSettings  # defers torch, transformers
+    from medm.infer.predictions import run_inference  # defers torch, transformers
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     if _same_file(args.out, args.data):

@@ -30,6 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, AnnotationError, Record
 from medm.infer.generate import GenerationSettings, Predictor
 
@@ -235,7 +238,6 @@ def run_inference(model: str | Predictor, records: Sequence[Record], out: str, *
     predictor = model if isinstance(model, Predictor) else _load_predictor(model, image_dir, device, dtype,
                                                                             template, system_prompt,
                                                                             trust_remote_code)
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(records), initial=len(done), unit="q", desc="infer", disable=not progress)
     written, errors = 0, 0
@@ -269,8 +271,6 @@ def run_inference(model: str | Predictor, records: Sequence[Record], out: str, *
 
 def _load_predictor(path: str, image_dir: str | None, device: str | None, dtype: str | None,
                     template: str | None, system_prompt: str | None, trust_remote_code: bool = False) -> Predictor:
-    import torch
-
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return Predictor.from_pretrained(path, dtype=dtype, device=device, image_dir=image_dir, template=template,

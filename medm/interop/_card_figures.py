@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import yaml
+from safetensors import safe_open
 
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.jsonl"  # what medm.train.metrics.MetricsJsonl logs, one JSON record per line
@@ -118,8 +119,6 @@ def _find_eval_files(*dirs: str | None) -> list[str]:
 
 def _count_parameters(ckpt_dir: str) -> int | None:
     """Parameters stored in the directory's safetensors files (headers only; no weights are read)."""
-    from safetensors import safe_open
-
     files = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
     if not files:
         return None

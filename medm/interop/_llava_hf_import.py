@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
+from medm.interop._grayscale import gray_patch_weight, is_grayscale_export, patch_embedding_key
 from medm.interop._llava_hf_format import (
     _ACTIVATIONS,
     _LANGUAGE_MODEL,
@@ -26,6 +27,7 @@ from medm.interop._llava_hf_format import (
     split_export_template,
 )
 from medm.interop._source import fit_vocabulary, write_model_yaml
+from medm.registry import LLM, TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,7 @@ def from_llava_state_dict(state: dict[str, torch.Tensor], linear_connector: bool
 
 def _encoder_for(vision_config) -> str:
     """The registered medm encoder whose transformers config class is this vision_config's."""
-    from medm.models.vision._hf import HFVisionEncoder
-    from medm.registry import VISION
+    from medm.models.vision._hf import HFVisionEncoder  # defers transformers
 
     for name in VISION.names():
         cls = VISION.get(name)
@@ -141,14 +142,19 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
         ImportFormatError: a setting medm cannot represent (multi-layer features, SigLIP with the `default`
             strategy, a projector activation medm lacks, an unknown vision tower), naming it.
     """
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (  # defers transformers
+        AutoConfig,
+        AutoProcessor,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
-    from medm.interop.model_card import write_model_card
-    from medm.models.builder import add_media_tokens, save_model
-    from medm.models.configuration_medm import MedMConfig
-    from medm.models.llm import resolve_dtype
-    from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
-    from medm.registry import LLM, TEMPLATE, VISION
+    from medm.interop.model_card import write_model_card  # defers transformers
+    from medm.models.builder import add_media_tokens, save_model  # defers transformers
+    from medm.models.configuration_medm import MedMConfig  # defers transformers
+    from medm.models.llm import resolve_dtype  # defers transformers
+    from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes  # defers transformers
 
     cfg = AutoConfig.from_pretrained(src, trust_remote_code=False)
     if not isinstance(cfg, LlavaConfig):
@@ -198,7 +204,6 @@ def import_llava_hf(src: str, out: str, *, family: str | None = None, template: 
               "config": {k: v for k, v in cfg.vision_config.to_diff_dict().items() if k != "transformers_version"},
               "select_layer": layer, "select_feature": select_feature,
               **_preprocess_settings(image_processor, cfg.vision_config.image_size, src)}
-    from medm.interop._grayscale import gray_patch_weight, is_grayscale_export, patch_embedding_key
 
     patch = llava.model.vision_tower.get_input_embeddings().weight
     grayscale = is_grayscale_export(patch, vision.get("image_mean"), vision.get("image_std"))

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
 from medm.interop._llava_hf_format import DTYPE_NAMES, MODEL_YAML, ImportFormatError
+from medm.registry import LLM, TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +42,6 @@ def read_json(path: str) -> dict[str, Any]:
 
 def _load_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -83,7 +84,7 @@ def config_json(source: str, what: str) -> dict[str, Any]:
             raise ImportFormatError(f"{what}: {source} has no config.json")
         return read_json(path)
     try:
-        from transformers.utils import cached_file
+        from transformers.utils import cached_file  # defers transformers
 
         path = cached_file(source, "config.json")
     except (OSError, ValueError) as e:
@@ -95,7 +96,7 @@ def config_json(source: str, what: str) -> dict[str, Any]:
 def hf_config(cfg: dict[str, Any], what: str, vision: bool = False):
     """A transformers config object from its dict (which names its `model_type`); with `vision`, a full CLIP /
     SigLIP config (text and vision towers) gives its vision part."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # defers transformers
 
     cfg = {k: v for k, v in cfg.items() if k not in _NOT_ARCHITECTURE}
     if "model_type" not in cfg:
@@ -115,7 +116,7 @@ def config_dict(config) -> dict[str, Any]:
 
 def load_tokenizer(sources: Iterable[str | None], where: str):
     """The tokenizer of the first source directory (or hub id) that has one."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # defers transformers
 
     tried = []
     for source in sources:
@@ -139,7 +140,7 @@ def image_processor(source: str | None, where: str):
     if not source or (os.path.isdir(source) and
                       not os.path.isfile(os.path.join(source, "preprocessor_config.json"))):
         return None
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # defers transformers
 
     try:
         return AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
@@ -208,7 +209,7 @@ def hf_legacy_names(weights: WeightMap, prefix: str, model_class) -> None:
     vision tower) from the names older transformers saved to today's, with transformers' own checkpoint conversion
     for that class (4.x `CLIPVisionModel` / `SiglipVisionModel` state dicts carry a `vision_model.` level that 5.x
     dropped and maps only inside its `from_pretrained`)."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping  # defers transformers
 
     transforms = get_checkpoint_conversion_mapping(model_class.__name__) or []
     if not transforms:
@@ -260,12 +261,11 @@ def write_medm_checkpoint(spec: ImportSpec, src: str, out: str, *, fmt: str, fam
     tokenizer puts a BOS token in front of the text, the tokenizer's chat template becomes the registered one behind
     `{{ bos_token }}` (and the config names no template), so the ids match the source's too.
     """
-    from medm.interop.model_card import write_model_card
-    from medm.models.builder import add_media_tokens, save_model
-    from medm.models.configuration_medm import MedMConfig
-    from medm.models.llm import resolve_dtype
-    from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
-    from medm.registry import LLM, TEMPLATE
+    from medm.interop.model_card import write_model_card  # defers transformers
+    from medm.models.builder import add_media_tokens, save_model  # defers transformers
+    from medm.models.configuration_medm import MedMConfig  # defers transformers
+    from medm.models.llm import resolve_dtype  # defers transformers
+    from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes  # defers transformers
 
     tokenizer, weights, text_config = spec.tokenizer, spec.weights, spec.text_config
     template: str | None = spec.template
@@ -348,8 +348,6 @@ def write_medm_checkpoint(spec: ImportSpec, src: str, out: str, *, fmt: str, fam
 
 def _resolved(section: dict | None) -> dict | None:
     """An encoder section with every setting written out, as `build_model` stores it."""
-    from medm.registry import VISION
-
     if section is None:
         return None
     resolved = VISION.get(section["name"]).resolve_config(dict(section))
@@ -373,8 +371,6 @@ def fit_vocabulary(model, tokenizer, src: str) -> None:
 def write_model_yaml(config, out: str) -> str:
     """`OUT/model.yaml`: the model config `medm train` builds this checkpoint's architecture from (its weights then
     come from `stage.init_from=OUT`); every tower section the model has, 2D and 3D."""
-    import yaml
-
     text = {k: v for k, v in config.text_config.to_diff_dict().items()
             if k not in ("transformers_version", "architectures", "dtype", "_name_or_path")}
     text["model_type"] = config.text_config.model_type

@@ -33,26 +33,26 @@ def _run_import(args: argparse.Namespace) -> str:
         if getattr(args, option) is not None and args.format not in formats:
             raise ValueError(f"--{option.replace('_', '-')} applies to {' and '.join(formats)}, not {args.format}")
     if args.format == "medm-vl":
-        from medm.interop.medm_vl import import_medm_vl
+        from medm.interop.medm_vl import import_medm_vl  # defers torch
 
         return import_medm_vl(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path,
                               encoder3d_path=args.encoder3d_path, image3d_slices=args.image3d_slices,
                               ct_intensity=args.ct_intensity, **common)
     if args.format == "tinyllava":
-        from medm.interop.tinyllava import import_tinyllava
+        from medm.interop.tinyllava import import_tinyllava  # defers torch
 
         return import_tinyllava(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path, **common)
     if args.format == "llava":
-        from medm.interop.llava import import_llava
+        from medm.interop.llava import import_llava  # defers torch
 
         return import_llava(args.src, args.out, llm_path=args.llm_path, encoder_path=args.encoder_path, **common)
-    from medm.interop.llava_hf import import_llava_hf
+    from medm.interop.llava_hf import import_llava_hf  # defers torch
 
     return import_llava_hf(args.src, args.out, **common)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from medm.interop.llava_hf import ImportFormatError
+    from medm.interop.llava_hf import ImportFormatError  # defers torch
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
@@ -72,7 +72,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.to == "llava-hf":
-        from medm.interop.llava_hf import ExportError, export_llava_hf
+        from medm.interop.llava_hf import ExportError, export_llava_hf  # defers torch
 
         try:
             out = export_llava_hf(args.src, args.out, base=args.base, eval_metrics=args.eval_metrics)
@@ -81,11 +81,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
             return 2
         print(f"transformers LLaVA model written to {out}")
         return 0
-    from medm.interop.merge import export_merged
+    from medm.interop.merge import export_merged  # defers torch, transformers
 
     out = export_merged(args.src, args.out, base=args.base)
     if args.eval_metrics:
-        from medm.interop.model_card import write_model_card
+        from medm.interop.model_card import write_model_card  # defers torch, transformers
 
         write_model_card(out, fmt="full", source=args.src, eval_metrics=args.eval_metrics)
     print(f"merged model written to {out}")

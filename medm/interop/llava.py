@@ -59,6 +59,7 @@ from medm.interop._source import (
     write_medm_checkpoint,
 )
 from medm.interop.llava_hf import _RESAMPLE_CODES, ImportFormatError, _encoder_for
+from medm.registry import TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +193,6 @@ def import_llava(src: str, out: str, *, llm_path: str | None = None, encoder_pat
     Raises:
         ImportFormatError: a setting or weight medm cannot represent, naming it.
     """
-    from medm.registry import TEMPLATE, VISION
-
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
         raise ImportFormatError(f"{src}: no config.json; not a LLaVA checkpoint directory")

@@ -30,6 +30,7 @@ transformers vision models (open_clip, timm), 1-channel encoders, pooling connec
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -37,6 +38,8 @@ import torch
 from torch import nn
 
 from medm.data.annotations import IMAGE_TOKEN
+from medm.data.templates import ChatFormat, TemplateError
+from medm.interop._grayscale import patch_embedding_key, rgb_patch_weight
 from medm.interop._llava_hf_format import (
     _ACTIVATIONS,
     _LANGUAGE_MODEL,
@@ -62,12 +65,12 @@ from medm.interop._llava_hf_import import (  # noqa: F401
     import_llava_hf,
     write_model_yaml,
 )
+from medm.registry import CONNECTOR, VISION
 
 
 # ---- what LLaVA can hold --------------------------------------------------------------------------------------
 def _vision_class(config):
-    from medm.models.vision._hf import HFEncoder, HFVisionEncoder
-    from medm.registry import VISION
+    from medm.models.vision._hf import HFEncoder, HFVisionEncoder  # defers transformers
 
     name = config.vision["name"]
     cls = VISION.get(name)
@@ -90,9 +93,8 @@ def _vision_class(config):
 
 def _projector(config) -> tuple[int, str]:
     """(MLP depth, LLaVA projector_hidden_act) of the 2D connector, or ExportError."""
-    from medm.models.connectors._mlp import parse_mlp_type
-    from medm.models.connectors.mlp import MLPConnector
-    from medm.registry import CONNECTOR
+    from medm.models.connectors._mlp import parse_mlp_type  # defers transformers
+    from medm.models.connectors.mlp import MLPConnector  # defers transformers
 
     name = config.connector["name"]
     if CONNECTOR.get(name) is not MLPConnector:
@@ -119,7 +121,7 @@ def check_exportable(config) -> dict[str, Any]:
     Raises:
         ExportError: naming the part (vision3d, vision, connector, channels, ...) and why LLaVA cannot hold it.
     """
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING  # defers transformers
 
     if config.vision3d is not None:
         raise ExportError(f"the model has a 3D tower (vision3d: {config.vision3d['name']!r}, connector3d: "
@@ -165,7 +167,7 @@ def check_exportable(config) -> dict[str, Any]:
 
 def llava_config(config, num_image_tokens: int):
     """The `LlavaConfig` of a medm model config (`check_exportable` first)."""
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig  # defers transformers
 
     spec = check_exportable(config)
     text = config.text_config
@@ -179,7 +181,7 @@ def llava_config(config, num_image_tokens: int):
 
 def _llm_prefix(llm: nn.Module) -> str:
     """The LLM's base-model attribute; LLaVA's language_model is that module, built by AutoModel."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING  # defers transformers
 
     prefix = getattr(llm, "base_model_prefix", "")
     base = getattr(llm, prefix, None) if prefix else None
@@ -208,7 +210,6 @@ def to_llava_state_dict(model) -> dict[str, torch.Tensor]:
         rules.append(_PROJ_2)
     state = _rename(model.state_dict(), rules, "medm -> LLaVA", ExportError)
     if model.vision.model.config.num_channels == 1:  # grayscale tower: 3 channels of weights / 3 (_grayscale)
-        from medm.interop._grayscale import patch_embedding_key, rgb_patch_weight
 
         key = patch_embedding_key(model.vision.model, _VISION[1])
         state[key] = rgb_patch_weight(state[key])
@@ -222,8 +223,6 @@ def to_llava_state_dict(model) -> dict[str, torch.Tensor]:
 
 # ---- processor ------------------------------------------------------------------------------------------------
 def _chat_format(config, tokenizer):
-    from medm.data.templates import ChatFormat, TemplateError
-
     try:
         return ChatFormat(tokenizer, config.template, config.system_prompt)
     except TemplateError as e:
@@ -235,9 +234,7 @@ def llava_processor(config, tokenizer, num_image_tokens: int):
 
     The tokenizer is copied; the copy's chat template becomes `export_chat_template` of the model's template.
     """
-    import copy
-
-    from transformers import LlavaImageProcessor, LlavaProcessor
+    from transformers import LlavaImageProcessor, LlavaProcessor  # defers transformers
 
     spec = check_exportable(config)
     pre = spec["preprocess"]
@@ -265,7 +262,7 @@ def llava_processor(config, tokenizer, num_image_tokens: int):
 def generation_config(config, tokenizer):
     """Greedy decoding that stops where medm's Predictor stops (EOS or the template's end-of-turn token) and never
     emits a media placeholder."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # defers transformers
 
     fmt = _chat_format(config, tokenizer)
     stop = sorted({i for i in (tokenizer.eos_token_id, fmt.end_of_turn_id) if i is not None})
@@ -277,7 +274,7 @@ def generation_config(config, tokenizer):
 # ---- export ---------------------------------------------------------------------------------------------------
 def to_llava(model, tokenizer):
     """(LlavaForConditionalGeneration sharing the medm model's weights, LlavaProcessor)."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration  # defers transformers
 
     cfg = llava_config(model.config, model.num_image_tokens)
     cfg.dtype = DTYPE_NAMES.get(model.dtype, "float32")
@@ -297,12 +294,12 @@ def export_llava_hf(src: str, out: str, *, base: str | None = None, dtype: str |
     Raises:
         ExportError: before any weight is read, when the model has a part LLaVA's format cannot hold.
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # defers transformers
 
-    from medm.interop.model_card import write_model_card
-    from medm.models.checkpoint import load_trained
-    from medm.models.configuration_medm import MedMConfig
-    from medm.models.modeling_medm import register_auto_classes
+    from medm.interop.model_card import write_model_card  # defers transformers
+    from medm.models.checkpoint import load_trained  # defers transformers
+    from medm.models.configuration_medm import MedMConfig  # defers transformers
+    from medm.models.modeling_medm import register_auto_classes  # defers transformers
 
     register_auto_classes()
     config = AutoConfig.from_pretrained(src, trust_remote_code=False)

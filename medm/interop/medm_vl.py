@@ -58,6 +58,7 @@ from medm.interop._source import (
     write_medm_checkpoint,
 )
 from medm.interop.llava_hf import ImportFormatError, _preprocess_settings
+from medm.registry import TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def _section_config(settings: dict[str, Any], part: str, path: str | None, where
 def encoder_2d(kind: str, config: dict[str, Any], select_layer: Any, select_feature: Any,
                processor_source: str | None, where: str) -> dict[str, Any]:
     """The medm `vision` section of a MedM-VL 2D encoder (HF SigLIP or CLIP)."""
-    from medm.registry import VISION
-
     if kind not in ENCODERS_2D:
         raise ImportFormatError(f"{where}: encoder type {kind!r}; medm imports MedM-VL's {', '.join(ENCODERS_2D)} "
                                 f"2D encoders and {', '.join(ENCODERS_3D)} 3D encoders")
@@ -134,7 +133,7 @@ def encoder_2d(kind: str, config: dict[str, Any], select_layer: Any, select_feat
 def encoder_3d(kind: str, config: dict[str, Any], select_layer: Any, select_feature: Any,
                where: str) -> dict[str, Any]:
     """The medm `vision3d` section (`vit3d`) of a MedM-VL 3D CLIP encoder."""
-    from medm.models.vision.vit3d import FORMAT_SWITCHES
+    from medm.models.vision.vit3d import FORMAT_SWITCHES  # defers transformers
 
     if kind not in ENCODERS_3D:
         raise ImportFormatError(f"{where}: 3D encoder type {kind!r}; medm imports {', '.join(ENCODERS_3D)}")
@@ -165,7 +164,7 @@ def encoder_3d(kind: str, config: dict[str, Any], select_layer: Any, select_feat
 
 def check_connector(kind: Any, mlp_type: Any, where: str) -> None:
     """A MedM-VL connector type and MLP name medm can hold, or ImportFormatError."""
-    from medm.models.connectors._mlp import parse_mlp_type
+    from medm.models.connectors._mlp import parse_mlp_type  # defers transformers
 
     if kind not in CONNECTORS:
         raise ImportFormatError(f"{where}: connector type {kind!r}; medm imports {', '.join(CONNECTORS)}")
@@ -194,8 +193,6 @@ def connector(projector: str, mlp_type: str, src: str, dst: str, state: dict[str
 
 def _vit3d_weights(section: dict[str, Any], state: dict[str, torch.Tensor], weights: WeightMap) -> None:
     """`encoder_image3d.encoder.*` (a whole 3D CLIP: vision tower, text tower, projections) -> `vision3d.*`."""
-    from medm.registry import VISION
-
     prefix = "encoder_image3d.encoder."
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     with torch.device("meta"):
@@ -233,8 +230,6 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
     Raises:
         ImportFormatError: a setting or weight medm cannot represent, naming it.
     """
-    from medm.registry import TEMPLATE
-
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
         raise ImportFormatError(f"{src}: no config.json; not a MedM-VL checkpoint directory")
@@ -304,7 +299,6 @@ def import_medm_vl(src: str, out: str, *, llm_path: str | None = None, encoder_p
                      f"{ct_intensity}`: {_CT_NOTE[ct_intensity]}); see docs/migrating.md for raw CT.")
     rename(state, rules, src, weights)
     if enc2d is not None:  # transformers 4.x CLIP / SigLIP names (`encoder.vision_model.*`), as MedM-VL saves them
-        from medm.registry import VISION
 
         hf_legacy_names(weights, "vision3d.encoder.model." if image3d_slices else "vision.model.",
                         VISION.get(enc2d["name"]).model_class)

@@ -53,6 +53,7 @@ from medm.interop._source import (
     write_medm_checkpoint,
 )
 from medm.interop.llava_hf import ImportFormatError, _encoder_for, _preprocess_settings
+from medm.registry import TEMPLATE, VISION
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,6 @@ def import_tinyllava(src: str, out: str, *, llm_path: str | None = None, encoder
     Raises:
         ImportFormatError: a setting or weight medm cannot represent, naming it.
     """
-    from medm.registry import TEMPLATE, VISION
-
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
         raise ImportFormatError(f"{src}: no config.json; not a TinyLLaVA_Factory checkpoint directory")

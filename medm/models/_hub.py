@@ -22,7 +22,7 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in _TRUE:
             return f"{var}={os.environ[var]}"
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # defers huggingface_hub
 
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
@@ -42,8 +42,8 @@ def require_available(path: str | None, key: str, filename: str = "config.json")
     """
     if not path or os.path.exists(path):
         return
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub import try_to_load_from_cache  # defers huggingface_hub
+    from huggingface_hub.errors import HFValidationError  # defers huggingface_hub
 
     try:
         cached = try_to_load_from_cache(path, filename)

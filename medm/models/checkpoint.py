@@ -153,7 +153,7 @@ def load_trained(ckpt_dir: str, dtype: str | None = None, device: str | torch.de
     if meta["format"] == COMPONENTS_ONLY:
         load_components(model, ckpt_dir)
     else:
-        from peft import PeftModel
+        from peft import PeftModel  # defers peft
 
         model = PeftModel.from_pretrained(model, ckpt_dir)
         if merge:

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import threading
 
+from medm.demo import run_demo
+
 DEMO_OUT = "runs/demo"
 
 
@@ -47,15 +49,13 @@ def demo_checkpoint(demo_out: str = DEMO_OUT) -> str:
     """The demo model's directory, trained first (`medm.demo.run_demo`) when it holds no model yet."""
     ckpt = os.path.join(demo_out, "finetune")
     if not os.path.isfile(os.path.join(ckpt, "config.json")):
-        from medm.demo import run_demo
-
         print(f"no demo model in {ckpt}: training it first (medm demo, a few minutes on the CPU)", flush=True)
         run_demo(demo_out)
     return ckpt
 
 
 def _examples(args: argparse.Namespace, demo_out: str):
-    from medm.playground.model_info import load_examples
+    from medm.playground.model_info import load_examples  # defers torch, transformers
 
     path = args.examples
     if path is None:
@@ -81,10 +81,10 @@ def serve(args: argparse.Namespace) -> int:
     os.environ["GRADIO_TEMP_DIR"] = os.path.join(own, "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        import torch
+        import torch  # defers torch
 
-        from medm.infer import Predictor
-        from medm.playground.app import build_app, launch
+        from medm.infer import Predictor  # defers torch, transformers
+        from medm.playground.app import build_app, launch  # defers torch, transformers
 
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)

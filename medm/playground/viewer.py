@@ -40,7 +40,7 @@ def display_size(path: str | Path, max_side: int = MAX_SIDE) -> tuple[int, int, 
     Raises:
         VolumeLoadError: the volume cannot be read (names the file and the reason).
     """
-    from nibabel.orientations import io_orientation
+    from nibabel.orientations import io_orientation  # defers nibabel
 
     header = read_volume_header(path)  # shape and geometry only: the voxels are read once, by window_volume
     shape, affine = header.shape3d, header.affine

@@ -33,6 +33,7 @@ from medm.data._bad_samples import BadSamples, SkipsBadSamples
 from medm.data._encoded import EncodingLog
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record, load_records, resolve_path
 from medm.data.collator import DataCollator
+from medm.data.dataset import require_samples
 from medm.data.images import ImageLoadError, is_dicom, load_image
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError
 from medm.qwenvl import boxes
@@ -388,7 +389,6 @@ def build_qwenvl_dataset(data_args, model, processor) -> QwenVLDataset:
                          "processor's chat template, so leave template null")
     settings = model.medm_settings
     system_prompt = data_args.system_prompt if data_args.system_prompt is not None else settings.get("system_prompt")
-    from medm.data.dataset import require_samples
 
     dataset = QwenVLDataset(load_records(data_args.path, for_training=True), processor,
                             box_format=settings["box_format"], image_dir=data_args.image_dir,

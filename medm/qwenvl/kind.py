@@ -16,6 +16,7 @@ from medm.models.kind import ModelKind
 from medm.qwenvl.args import NAME, is_qwenvl_checkpoint
 from medm.qwenvl.data import build_qwenvl_dataset
 from medm.qwenvl.infer import QwenVLPredictor
+from medm.qwenvl.model import build_qwenvl, load_qwenvl, load_qwenvl_processor
 from medm.qwenvl.tiny import tiny_qwenvl_overrides
 from medm.registry import KIND
 
@@ -43,8 +44,6 @@ class QwenVLKind(ModelKind):
 
     @staticmethod
     def build(args, quantization_config=None):
-        from medm.qwenvl.model import build_qwenvl
-
         return build_qwenvl(args.qwenvl, args.system_prompt, quantization_config=quantization_config)
 
     owns = staticmethod(is_qwenvl_checkpoint)
@@ -52,14 +51,10 @@ class QwenVLKind(ModelKind):
     @staticmethod
     def load(path: str, dtype: str | None = None, device: str | torch.device | None = None,
              trust_remote_code: bool = False):
-        from medm.qwenvl.model import load_qwenvl
-
         return load_qwenvl(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
     @staticmethod
     def load_processing(path: str, trust_remote_code: bool = False):
-        from medm.qwenvl.model import load_qwenvl_processor
-
         return load_qwenvl_processor(path, trust_remote_code)
 
     @staticmethod

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoProcessor, PretrainedConfig, ProcessorMixin
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
@@ -135,8 +136,6 @@ class QwenVLClasses:
     video_processor: str
 
     def processor_classes(self) -> tuple[type, type]:
-        import transformers
-
         return getattr(transformers, self.processor), getattr(transformers, self.video_processor)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import PreTrainedTokenizerFast, ProcessorMixin
+from transformers import PreTrainedTokenizerFast, ProcessorMixin, Qwen2VLImageProcessor
 
 from medm.models.tiny import tiny_tokenizer
 
@@ -83,8 +83,6 @@ def tiny_qwenvl_processor(processor_cls: type[ProcessorMixin], video_processor_c
     """A processor of `processor_cls` (e.g. Qwen2VLProcessor) around the tiny tokenizer, an image processor and a
     video processor (`video_processor_cls`; the processor classes require one) whose patch, merge and temporal patch
     sizes are the vision config's."""
-    from transformers import Qwen2VLImageProcessor
-
     patch = vision_config.patch_size
     sizes = {"patch_size": patch if isinstance(patch, int) else patch[0],
              "merge_size": vision_config.spatial_merge_size, "temporal_patch_size": vision_config.temporal_patch_size}

@@ -12,6 +12,8 @@ import os
 import sys
 import tempfile
 
+from medm.infer.cli import open_predictor
+
 
 def _model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (a training run's output_dir, a "
@@ -33,8 +35,6 @@ def _model_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 def _open(args: argparse.Namespace):
     """The Predictor, or None after one error line naming --model (a folder that is not a checkpoint, a moved base)."""
-    from medm.infer.cli import open_predictor
-
     try:
         return open_predictor(args)
     except (OSError, ValueError) as e:
@@ -44,14 +44,14 @@ def _open(args: argparse.Namespace):
 
 
 def _settings(args: argparse.Namespace):
-    from medm.infer import GenerationSettings
+    from medm.infer import GenerationSettings  # defers torch, transformers
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from medm.playground.model_info import takes_volumes
-    from medm.serve.chat import COMMANDS, ChatLoop
+    from medm.playground.model_info import takes_volumes  # defers torch, transformers
+    from medm.serve.chat import COMMANDS, ChatLoop  # defers torch, transformers
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     if args.image and args.volume:
@@ -74,9 +74,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import uvicorn  # defers uvicorn
 
-    from medm.serve.api import build_app
+    from medm.serve.api import build_app  # defers torch, transformers
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     name = args.name or os.path.basename(os.path.normpath(args.model))

@@ -24,10 +24,10 @@ def prepare_zero3_loading(args) -> None:
     Args:
         args: the run's transformers `TrainingArguments`.
     """
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations import is_deepspeed_zero3_enabled  # defers transformers
 
     if is_deepspeed_zero3_enabled():
-        import deepspeed
+        import deepspeed  # defers deepspeed
 
         deepspeed.init_distributed(dist_backend=args.ddp_backend or "nccl")
 
@@ -42,7 +42,7 @@ def whole_weights(model: nn.Module):
     are kept on exit), for loading an earlier stage's weights or saving a base checkpoint. A no-op otherwise."""
     if not is_partitioned(model):
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # defers deepspeed
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
 

@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medm.config import ConfigError
 from medm.data._bad_samples import bad_sample_count
+from medm.data.sampler import GroupedSampler
 from medm.models.checkpoint import (
     load_components,
     read_meta,
@@ -122,7 +123,6 @@ class MedMTrainer(Trainer):
             if not hasattr(dataset, "lengths"):
                 raise ConfigError(f"train.train_sampling_strategy: {strategy} needs a dataset with `lengths`; "
                                   f"{type(dataset).__name__} has none")
-            from medm.data.sampler import GroupedSampler
 
             modalities = getattr(dataset, "modalities", None) if strategy == "group_by_modality_length" else None
             return GroupedSampler(dataset.lengths, self.args.train_batch_size, modalities=modalities,

@@ -38,7 +38,7 @@ def qlora_load_config(compute_dtype: torch.dtype):
     Raises ConfigError without CUDA or bitsandbytes (`check_qlora`).
     """
     check_qlora()
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # defers transformers
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
@@ -61,6 +61,6 @@ def prepare_qlora(model: nn.Module) -> nn.Module:
         raise ConfigError("stage.llm: qlora needs the LLM loaded in 4 bits (BitsAndBytesConfig at from_pretrained, as "
                           "`medm train` does from model.llm.path / model.qwenvl.path); this model was loaded in full "
                           "precision")
-    from peft import prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training  # defers peft
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -7,7 +7,17 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import medm
+from medm.config import ConfigError
+from medm.data._bad_samples import TooManyBadSamples
+from medm.data.annotations import AnnotationError
 
 
 def _setup_logging() -> None:
@@ -16,16 +26,10 @@ def _setup_logging() -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import signal
-    import sys
-
-    from medm.config import ConfigError
-    from medm.data._bad_samples import TooManyBadSamples
-    from medm.data.annotations import AnnotationError
-    from medm.train._distributed import finish_process_group
-    from medm.train.args import check_data_files, load_train_config
-    from medm.train.safety import CheckpointWriteError, NonFiniteLossError
-    from medm.train.trainer import run_training
+    from medm.train._distributed import finish_process_group  # defers torch
+    from medm.train.args import check_data_files, load_train_config  # defers torch, transformers
+    from medm.train.safety import CheckpointWriteError, NonFiniteLossError  # defers torch, transformers
+    from medm.train.trainer import run_training  # defers torch, transformers
 
     _setup_logging()
     try:
@@ -60,11 +64,6 @@ _SECTIONS = {"model": ("medm.models.builder", "ModelArgs"), "model.llm": ("medm.
 def section_keys(module: str, name: str) -> list[str]:
     """The field names of dataclass `name` in `module`, read from its source: importing the config modules would
     import torch, and `medm train --help` should not wait for that (tests check this against the dataclass)."""
-    import ast
-    from pathlib import Path
-
-    import medm
-
     path = Path(medm.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ClassDef) and node.name == name:
@@ -75,8 +74,6 @@ def section_keys(module: str, name: str) -> list[str]:
 
 def config_keys_text(width: int = 100) -> str:
     """What `medm train --help` lists after the arguments: each section's keys, and where they are explained."""
-    import textwrap
-
     lines = textwrap.wrap("settings: KEY=VALUE after the YAML (or in the YAML), e.g. train.max_steps=10 "
                           "data.path=train.json model=configs/model/tiny.yaml. Every key with its type, default and "
                           "meaning: docs/config_reference.md. The keys of each section:", width) + [""]

@@ -46,7 +46,7 @@ def plot_loss(output_dir: str) -> str | None:
     if not points:
         return None
     # A bare Figure renders with Agg and leaves pyplot's global backend alone (no display on training machines).
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # defers matplotlib
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()

@@ -20,6 +20,7 @@ from torch import nn
 
 from medm.config import ConfigError
 from medm.models.checkpoint import COMPONENTS_ONLY, FULL, LORA  # noqa: F401  (LORA: also imported from here)
+from medm.train._qlora import prepare_qlora
 from medm.train.args import StagePlan
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,6 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
     if modes["llm"].name == "qlora":
         # The LLM was loaded in 4 bits (medm.train._qlora.qlora_load_config at from_pretrained); this freezes it and
         # keeps the rest in float32 before the adapters go on.
-        from medm.train._qlora import prepare_qlora
 
         model = prepare_qlora(model)
     model.requires_grad_(False)
@@ -201,7 +201,7 @@ def apply_plan(model: nn.Module, plan: StagePlan, compute_dtype: torch.dtype = t
                               f"(model.{name}.select_layer picks an earlier layer); train more blocks")
     if not lora_targets:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # defers peft
 
     config = LoraConfig(r=plan.lora.r, lora_alpha=plan.lora.alpha, lora_dropout=plan.lora.dropout,
                         target_modules=lora_targets, modules_to_save=to_save or None, bias="none")

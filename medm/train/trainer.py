@@ -5,6 +5,7 @@ stage plan, build the data, train (or resume), save, and plot the loss. The Trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,10 +13,15 @@ import socket
 
 import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from medm._accelerator import name_accelerator_for_deepspeed
 from medm.config import ConfigError, from_dict
-from medm.data.dataset import DataArgs
+from medm.data.collator import DataCollator
+from medm.data.dataset import DataArgs, build_dataset
+from medm.data.mixture import MixtureArgs, build_mixture, parse_mixture
+from medm.data.packing import PackedDataset, PackingCollator
 from medm.models import build_model, save_model
 from medm.models.checkpoint import (
     BASE_DIR,
@@ -151,18 +157,11 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
     mapping: medm.data.mixture), else None (the trainer's sampling strategy). With `data.packing`, the dataset is a
     `PackedDataset` and the collator a `PackingCollator` (medm.data.packing).
     """
-    import dataclasses
-
-    from medm.data.collator import DataCollator
-    from medm.data.dataset import build_dataset
-
     if cfg.data is None:
         raise ConfigError("train config: the `data` section is required")
     data = from_dict(DataArgs, cfg.data, "data")
     sampler = None
     if _uses_mixture(data):
-        from medm.data.mixture import MixtureArgs, build_mixture, parse_mixture
-
         if data.packing:
             raise ConfigError("data.packing: a data mixture plans its samples one by one (ratios, curriculum "
                               "order), which packs would break; turn packing off or use one dataset")
@@ -180,7 +179,6 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
         if hasattr(dataset, "collator"):
             raise ConfigError("data.packing: only the medm model kind packs samples (this dataset brings its own "
                               "inputs and collator)")
-        from medm.data.packing import PackedDataset, PackingCollator
 
         attn = (getattr(model.config, "llm", None) or {}).get("attn_implementation", "sdpa")
         dataset = PackedDataset(dataset, data.pack_length or data.max_length)
@@ -275,8 +273,6 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.train.metrics).
     cbs = [MetricsJsonl(out, fresh=not resume), NoGradCheck(), ModelCardCallback(cfg), *(callbacks or [])]
     if "tensorboard" in train.report_to:
-        from transformers.integrations import TensorBoardCallback
-
         tb = TensorBoardCallback()
         tb.logging_dir = os.path.join(out, "tensorboard")
         cbs.append(tb)
@@ -313,7 +309,5 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     finally:
         guard.restore()
         # A ZeRO-3 config stays registered globally and would partition the next model built in this process.
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
         unset_hf_deepspeed_config()
     return trainer

@@ -53,7 +53,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def _require_pyarrow():
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow  # defers pyarrow  # noqa: F401
     except ImportError:
         raise ImportError("the medtrinity builder reads parquet / Arrow with pyarrow: pip install pyarrow "
                           "(pinned in requirements.txt)") from None
@@ -92,8 +92,8 @@ def source_files(src: str, layout: str, split: str | None = None) -> list[str]:
 
 def iter_rows(files: list[str], layout: str, columns: list[str], batch_size: int = 256) -> Iterator[dict[str, Any]]:
     """Rows `{column: value}` of every file, one record batch in memory at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # defers pyarrow
+    import pyarrow.parquet as pq  # defers pyarrow
 
     for path in files:
         if layout == "parquet":

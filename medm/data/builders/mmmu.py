@@ -82,7 +82,7 @@ def build_mmmu(out: str, src: str, subjects: Any = ",".join(HEALTH_AND_MEDICINE)
         subjects: subject folders (default the five of Health & Medicine).
         splits: dev, validation (default: the split papers report, answers public), test (answers hidden).
     """
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # defers pyarrow
 
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     result, skipped = {}, Counter()

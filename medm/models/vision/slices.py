@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from medm.config import to_dict
+from medm.data._medm_vl_ct import MedMVLVolumePreprocess
+from medm.data.volumes import VolumePreprocess, parse_volume_args
 from medm.models.vision._base import VisionEncoder
 from medm.registry import VISION
 
@@ -77,9 +80,6 @@ class SliceEncoder(VisionEncoder):
     @classmethod
     def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """The 2D encoder's settings resolved by its own `resolve_config`; `path` defaults to `encoder.path`."""
-        from medm.config import to_dict
-        from medm.data.volumes import parse_volume_args
-
         cfg = dict(cfg)
         name, _ = _inner_section(cfg.get("encoder"))
         inner = VISION.get(name).resolve_config(dict(cfg["encoder"]))
@@ -93,16 +93,12 @@ class SliceEncoder(VisionEncoder):
     @classmethod
     def preprocessor(cls, cfg: dict[str, Any]):
         """Path -> (C, num_slices, H, W): volume preprocessing, then the 2D encoder's channels and mean / std."""
-        from medm.data.volumes import VolumePreprocess
-
         cfg = cls.resolve_config(cfg)
         name, _ = _inner_section(cfg["encoder"])
         image = VISION.get(name).preprocessor(cfg["encoder"])
         args = (cfg["volume"], (cfg["num_slices"], *image.image_size))
         kwargs = {"channels": image.channels, "mean": image.mean, "std": image.std}
         if cfg.get("medm_vl_ct"):
-            from medm.data._medm_vl_ct import MedMVLVolumePreprocess
-
             return MedMVLVolumePreprocess(cfg["medm_vl_ct"], "slices", *args, **kwargs)
         return VolumePreprocess(*args, **kwargs)
 

@@ -34,8 +34,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from medm.config import to_dict
+from medm.data._medm_vl_ct import MedMVLVolumePreprocess
+from medm.data.volumes import VolumePreprocess, parse_volume_args
 from medm.models.vision._base import VisionEncoder, select_features
 from medm.models.vision._features import check_select_feature, check_select_layer
 from medm.registry import VISION
@@ -274,9 +278,6 @@ class ViT3DEncoder(VisionEncoder):
     def resolve_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """Every architecture and volume setting filled in (defaults written out), so the saved config alone
         rebuilds the encoder and its preprocessing even if a default changes later."""
-        from medm.config import to_dict
-        from medm.data.volumes import parse_volume_args
-
         out = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
                if k not in ("self", "path", "volume")}
         out.update(cfg)
@@ -288,12 +289,8 @@ class ViT3DEncoder(VisionEncoder):
     @classmethod
     def preprocessor(cls, cfg: dict[str, Any]):
         """The volume preprocessing: path -> (in_channels, D, H, W) float32 (`medm.data.volumes.VolumePreprocess`)."""
-        from medm.data.volumes import VolumePreprocess
-
         cfg = cls.resolve_config(cfg)
         if cfg.get("medm_vl_ct"):
-            from medm.data._medm_vl_ct import MedMVLVolumePreprocess
-
             return MedMVLVolumePreprocess(cfg["medm_vl_ct"], cfg["checkpoint_format"], cfg["volume"],
                                           cfg["image_size"], channels=int(cfg["in_channels"]))
         return VolumePreprocess(cfg["volume"], cfg["image_size"], channels=int(cfg["in_channels"]))
@@ -330,8 +327,6 @@ class ViT3DEncoder(VisionEncoder):
         """
         file = _weights_file(path)
         if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(file)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
