@@ -78,3 +78,19 @@ def test_a_bad_model_argument_is_an_error_exit(tmp_path, capsys):
     path = _files(tmp_path)
     assert main(["data", "validate", path, "--model", str(tmp_path / "nowhere.yaml")]) == 2
     assert "nowhere.yaml" in capsys.readouterr().err
+
+
+def test_a_train_config_is_read_for_its_model_section(tmp_path, monkeypatch):
+    # A train YAML naming its model file (relative to the YAML's folder) gives that model's preprocessing; its
+    # training settings are `medm train`'s to check, so an output_dir that could never be created does not matter.
+    monkeypatch.chdir(REPO)
+    np.save(tmp_path / "u8.npy", np.full((8, 16, 16), 200, np.uint8))
+    (tmp_path / "model.yaml").write_text((REPO / REPO_TINY_3D).read_text())
+    (tmp_path / "blocker").write_text("a file")
+    train = tmp_path / "train.yaml"
+    train.write_text(f"model: model.yaml\ntrain:\n  output_dir: {tmp_path / 'blocker' / 'run'}\n")
+    media = load_model_media(str(train))
+    assert media.image is None and tuple(media.volume(str(tmp_path / "u8.npy")).shape) == (1, 16, 32, 32)
+    (tmp_path / "train.yaml").write_text("model: missing.yaml\n")
+    with pytest.raises(ValueError, match=r"train.yaml: model file 'missing.yaml' not found"):
+        load_model_media(str(train))
