@@ -51,6 +51,12 @@ class DataArgs:
                                              "distinct bad samples than this is an error naming the last files. A "
                                              "count, a fraction of the samples when < 1, 0 to fail at the first, "
                                              "null for no limit. See docs/reliability.md")
+    val_path: str | list | None = arg(None, "validation records (same formats as path), evaluated during training at "
+                                            "train.eval_strategy; not with val_size")
+    val_size: float | None = arg(None, "split validation records off `path` by record id: a fraction (< 1) or a "
+                                       "count (>= 1) of the distinct ids; reproducible for a val_seed, never a "
+                                       "sample in both (medm.data.validation); 0 or null: none", ge=0)
+    val_seed: int = arg(0, "seed of the val_size split (independent of train.seed)", ge=0)
 
 
 @dataclass

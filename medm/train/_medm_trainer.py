@@ -11,6 +11,7 @@ import shutil
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medm.config import ConfigError
@@ -151,6 +152,16 @@ class MedMTrainer(Trainer):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_best_model(self) -> None:
+        # load_best_model_at_end: a components checkpoint holds only the trained parts, which the Trainer does
+        # not recognise as weights.
+        if self.checkpoint_format == COMPONENTS_ONLY and not self.is_deepspeed_enabled:
+            logger.info("loading the best checkpoint %s (%s %s)", self.state.best_model_checkpoint,
+                        self.args.metric_for_best_model, self.state.best_metric)
+            load_components(_unwrap_peft(self.model), self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
+
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied output head is not saved (it is the input embedding), so it is always "missing" on a resume: only
         # keys whose tensor no loaded key shares are really missing.
@@ -187,9 +198,17 @@ class MedMTrainer(Trainer):
             raise
         finally:
             self._staging = None
+        staged = os.path.join(staging, name)
+        best = self.state.best_global_step
+        best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best}")
+        if best and (best == self.state.global_step or os.path.isdir(best_dir)):
+            # The Trainer looked for the best checkpoint inside the staging directory: name its published place
+            # (what load_best_model_at_end and the checkpoint rotation read), in the saved state too.
+            self.state.best_model_checkpoint = best_dir
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            staged = os.path.join(staging, name)
             relocate_meta(staged, final)  # its relative `base` path, for the place it is moved to
             publish_checkpoint(staged, final)
             shutil.rmtree(staging, ignore_errors=True)

@@ -108,7 +108,25 @@ class TrainArgs:
                                              "keeping the last good checkpoint (an error naming it)")
     report_to: list = arg(["tensorboard"], "logging integrations; [] for none (metrics.jsonl is always written)")
     disable_tqdm: bool = arg(False, "turn off the console progress bar")
-    plot_loss: bool = arg(True, "write loss.png (training loss curve) into output_dir at the end")
+    plot_loss: bool = arg(True, "write loss.png (training and validation loss curves) into output_dir at the end")
+    eval_strategy: str | None = arg(None, "when to compute the validation loss (data.val_path / data.val_size): "
+                                          "steps, epoch, no; null: steps when there is validation data, else no",
+                                    choices=("steps", "epoch", "no"))
+    eval_steps: float | None = arg(None, "evaluate every N steps (or a fraction of all steps when < 1); null: "
+                                         "logging_steps", ge=0)
+    per_device_eval_batch_size: int | None = arg(None, "validation samples per device per forward pass; null: "
+                                                       "per_device_train_batch_size", ge=1)
+    load_best_model_at_end: bool = arg(False, "end with the weights of the checkpoint best by metric_for_best_model "
+                                              "(needs save_strategy equal to eval_strategy, save_steps a multiple "
+                                              "of eval_steps)")
+    metric_for_best_model: str = arg("eval_loss", "logged validation figure that ranks checkpoints and drives early "
+                                                  "stopping (e.g. eval_loss)")
+    greater_is_better: bool | None = arg(None, "a higher metric_for_best_model is better; null: false for a *loss "
+                                               "metric, else true")
+    early_stopping_patience: int | None = arg(None, "stop after this many evaluations without improvement of "
+                                                    "metric_for_best_model (needs load_best_model_at_end); null: "
+                                                    "never", ge=1)
+    early_stopping_threshold: float = arg(0.0, "smallest change of the metric that counts as an improvement", ge=0)
 
 
 @dataclass
@@ -138,8 +156,43 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
     if cfg.get("data") is not None and not isinstance(cfg["data"], dict):
         raise ConfigError(f"{where}: `data` must be a mapping")
     if cfg.get("data") is not None:
-        from_dict(DataArgs, cfg["data"], f"{where}: data")  # a misspelt key fails here, before any model is built
+        data = from_dict(DataArgs, cfg["data"], f"{where}: data")  # a misspelt key fails here, before any model
+        _check_validation(data, train, where)
     return TrainConfig(model=parse_model_args(model, model_where), data=cfg.get("data"), stage=stage, train=train)
+
+
+def has_validation(data: DataArgs) -> bool:
+    return bool(data.val_path) or bool(data.val_size)
+
+
+def eval_strategy(train: TrainArgs, data: DataArgs | None) -> str:
+    """`train.eval_strategy`, its null resolved: steps when the data section has validation records, else no."""
+    if train.eval_strategy is not None:
+        return train.eval_strategy
+    return "steps" if data is not None and has_validation(data) else "no"
+
+
+def _check_validation(data: DataArgs, train: TrainArgs, where: str) -> None:
+    """Validation settings that cannot work together fail when the config is read, naming the keys."""
+    if data.val_path and data.val_size:
+        raise ConfigError(f"{where}: data.val_path and data.val_size are both set; give one")
+    strategy = eval_strategy(train, data)
+    if strategy != "no" and not has_validation(data):
+        raise ConfigError(f"{where}: train.eval_strategy={strategy} needs validation data: set data.val_path or "
+                          "data.val_size")
+    if train.early_stopping_patience is not None and not train.load_best_model_at_end:
+        raise ConfigError(f"{where}: train.early_stopping_patience needs train.load_best_model_at_end=true")
+    if train.load_best_model_at_end:
+        if strategy == "no":
+            raise ConfigError(f"{where}: train.load_best_model_at_end needs validation (data.val_path or "
+                              "data.val_size)")
+        if train.save_strategy != strategy:
+            raise ConfigError(f"{where}: train.load_best_model_at_end needs train.save_strategy "
+                              f"({train.save_strategy}) equal to the evaluation strategy ({strategy})")
+        every = train.eval_steps or train.logging_steps
+        if strategy == "steps" and train.save_steps % every:
+            raise ConfigError(f"{where}: train.load_best_model_at_end needs train.save_steps ({train.save_steps}) "
+                              f"to be a multiple of train.eval_steps ({every})")
 
 
 def _check_output_dir(path: str, where: str) -> None:

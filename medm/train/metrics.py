@@ -41,8 +41,11 @@ class MetricsJsonl(TrainerCallback):
 
 
 def plot_loss(output_dir: str) -> str | None:
-    """Write loss.png from metrics.jsonl; None when nothing was logged."""
-    points = [(r["step"], r["loss"]) for r in read_metrics(output_dir) if "loss" in r]
+    """Write loss.png from metrics.jsonl (training loss, and validation loss when evaluated); None when nothing was
+    logged."""
+    rows = read_metrics(output_dir)
+    points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not points:
         return None
     # A bare Figure renders with Agg and leaves pyplot's global backend alone (no display on training machines).
@@ -50,9 +53,13 @@ def plot_loss(output_dir: str) -> str | None:
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None,
+            label="training")
+    if val:
+        ax.plot([p[0] for p in val], [p[1] for p in val], marker="o", label="validation")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(os.path.basename(os.path.abspath(output_dir)))
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -12,7 +12,7 @@ import os
 import socket
 
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -22,6 +22,7 @@ from medm.data.collator import DataCollator
 from medm.data.dataset import DataArgs, build_dataset
 from medm.data.mixture import MixtureArgs, build_mixture, parse_mixture
 from medm.data.packing import PackedDataset, PackingCollator
+from medm.data.validation import split_validation
 from medm.models import build_model, save_model
 from medm.models.checkpoint import (
     BASE_DIR,
@@ -34,7 +35,7 @@ from medm.train._medm_trainer import (  # noqa: F401  (importable from here too)
     NoGradCheck,
 )
 from medm.train._qlora import qlora_load_config
-from medm.train.args import TrainArgs, TrainConfig
+from medm.train.args import TrainArgs, TrainConfig, eval_strategy, has_validation
 from medm.train.metrics import MetricsJsonl, ModelCardCallback, plot_loss
 from medm.train.safety import (
     RunGuard,
@@ -83,11 +84,13 @@ def _single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bool | None = None) -> TrainingArguments:
+def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bool | None = None,
+                       evaluation: str = "no") -> TrainingArguments:
     """TrainingArguments from medm's TrainArgs (TensorBoard is added as a callback, into output_dir/tensorboard).
 
     Args:
         find_unused_parameters: DDP setting; True when a trained encoder may hold blocks past its selected layer.
+        evaluation: the resolved eval strategy (medm.train.args.eval_strategy): steps, epoch or no.
     """
     num_workers = default_num_workers(device) if train.dataloader_num_workers is None else train.dataloader_num_workers
     return TrainingArguments(
@@ -113,6 +116,12 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
         report_to=[r for r in train.report_to if r != "tensorboard"] or "none", disable_tqdm=train.disable_tqdm,
         # The collator builds exactly the model's inputs; the Trainer must neither drop nor guess columns.
         remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=find_unused_parameters,
+        # Validation: the loss only (no logits gathered over the whole validation set).
+        eval_strategy=evaluation, eval_steps=train.eval_steps, prediction_loss_only=True,
+        per_device_eval_batch_size=train.per_device_eval_batch_size or train.per_device_train_batch_size,
+        load_best_model_at_end=train.load_best_model_at_end and evaluation != "no",
+        metric_for_best_model=train.metric_for_best_model if evaluation != "no" else None,
+        greater_is_better=train.greater_is_better,
     )
 
 
@@ -162,6 +171,9 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
     data = from_dict(DataArgs, cfg.data, "data")
     sampler = None
     if _uses_mixture(data):
+        if data.val_size:
+            raise ConfigError("data.val_size: a data mixture is not split; give the validation records as "
+                              "data.val_path")
         if data.packing:
             raise ConfigError("data.packing: a data mixture plans its samples one by one (ratios, curriculum "
                               "order), which packs would break; turn packing off or use one dataset")
@@ -173,6 +185,8 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
         first = dataset.datasets[0]
     else:
         dataset = first = build_dataset(data, model, tokenizer)
+        if data.val_size:
+            dataset = first = split_validation(dataset, data.val_size, data.val_seed)[0]
     # A dataset with inputs of its own (medm.qwenvl: image grids, M-RoPE token types) brings its collator.
     collator = first.collator() if hasattr(first, "collator") else DataCollator(tokenizer)
     if data.packing:
@@ -188,6 +202,22 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
     return dataset, collator, sampler
 
 
+def build_validation_data(cfg: TrainConfig, model, tokenizer):
+    """The validation dataset of the `data:` section (`data.val_path`, or the `data.val_size` side of the split
+    that `build_training_inputs` leaves out), packed like the training data; None without one."""
+    data = from_dict(DataArgs, cfg.data or {}, "data")
+    if not has_validation(data):
+        return None
+    if data.val_path:
+        val = build_dataset(dataclasses.replace(data, path=data.val_path), model, tokenizer)
+    else:
+        val = split_validation(build_dataset(data, model, tokenizer), data.val_size, data.val_seed)[1]
+    if data.packing:
+        val = PackedDataset(val, data.pack_length or data.max_length)
+    logger.info("validation: %d samples", len(val))
+    return val
+
+
 def _checkpoint_step(ckpt: str) -> str:
     """The global step a checkpoint-N was saved at (its trainer_state.json), or "?"."""
     try:
@@ -198,7 +228,7 @@ def _checkpoint_step(ckpt: str) -> str:
 
 
 def run_training(cfg: TrainConfig, dataset=None, collator=None,
-                 callbacks: list[TrainerCallback] | None = None, sampler=None) -> MedMTrainer:
+                 callbacks: list[TrainerCallback] | None = None, sampler=None, eval_dataset=None) -> MedMTrainer:
     """Train one stage; returns the finished trainer (its model holds the trained weights).
 
     A stop signal (`train.stop_signals`) ends training early with a checkpoint of the last step and no final save
@@ -207,6 +237,7 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     Args:
         dataset, collator: use these instead of building them from `cfg.data` (tests, notebooks).
         sampler: with `dataset`, a sampler that plans each epoch (e.g. a `MixtureSampler`).
+        eval_dataset: with `dataset`, the validation dataset (evaluated at `train.eval_strategy`).
 
     Raises:
         NonFiniteLossError: the loss became NaN / Inf (with `train.stop_on_nonfinite_loss`); nothing of that step
@@ -242,7 +273,12 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
     quantization = qlora_load_config(compute_dtype) if str(cfg.stage.llm).strip() == "qlora" else None
     # The arguments before the model: with a ZeRO-3 config they register transformers' HfDeepSpeedConfig, and the
     # LLM is then built and loaded partitioned across the ranks (medm.train._distributed).
-    args = training_arguments(train, device)
+    data_args = from_dict(DataArgs, cfg.data, "data") if cfg.data is not None else None
+    if dataset is None:
+        evaluation = eval_strategy(train, data_args)
+    else:
+        evaluation = train.eval_strategy or ("steps" if eval_dataset is not None else "no")
+    args = training_arguments(train, device, evaluation=evaluation)
     prepare_zero3_loading(args)
     # Seed before building: a randomly initialised part (tiny LLM, new embedding rows) is the same on every rank
     # and in a resumed run.
@@ -267,6 +303,8 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
                 describe(train_model))
     if dataset is None:
         dataset, collator, sampler = build_training_inputs(cfg, model, tokenizer)
+        if eval_dataset is None and args.eval_strategy != "no":
+            eval_dataset = build_validation_data(cfg, model, tokenizer)
     encoder_trains = any(modes[e].name in ("full", "partial") for e in ENCODERS if e in modes)
     # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them.
     args.ddp_find_unused_parameters = True if encoder_trains else None
@@ -276,11 +314,14 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         tb = TensorBoardCallback()
         tb.logging_dir = os.path.join(out, "tensorboard")
         cbs.append(tb)
+    if train.early_stopping_patience is not None:
+        cbs.append(EarlyStoppingCallback(train.early_stopping_patience, train.early_stopping_threshold))
     # Last, so that its say on saving and stopping comes after every other callback's (medm.train.safety).
     guard = RunGuard(train.stop_signals, train.stop_on_nonfinite_loss)
     cbs.append(guard)
     paths = component_paths(model)
-    trainer = MedMTrainer(model=train_model, args=args, train_dataset=dataset, data_collator=collator,
+    trainer = MedMTrainer(model=train_model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                          data_collator=collator,
                           processing_class=tokenizer, callbacks=cbs, connector_lr=train.connector_lr,
                           checkpoint_format=fmt, base_dir=base, sampling=train.train_sampling_strategy,
                           group_window=train.group_window, train_sampler=sampler, guard=guard,
