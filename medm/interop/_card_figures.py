@@ -43,16 +43,17 @@ def _json_safe(value: Any) -> Any:
 
 
 def read_metrics(output_dir: str) -> list[dict]:
-    """The logged records, one per step (a resumed run re-logs steps after its checkpoint: the last one wins)."""
+    """The logged records, one per step and kind (training, validation, other; a resumed run re-logs steps after its
+    checkpoint: the last one wins)."""
     path = os.path.join(output_dir, METRICS_FILE)
     if not os.path.isfile(path):
         return []
-    by_step: dict[tuple[int, bool], dict] = {}
+    by_step: dict[tuple[int, bool, bool], dict] = {}
     with open(path) as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
-                by_step[(rec["step"], "loss" in rec)] = rec
+                by_step[(rec["step"], "loss" in rec, "eval_loss" in rec)] = rec
     return [by_step[k] for k in sorted(by_step)]
 
 

@@ -12,6 +12,7 @@ from train_helpers import answer_loss, make_cfg
 from medm.config import ConfigError
 from medm.data.validation import split_validation
 from medm.models import build_model
+from medm.train.metrics import read_metrics
 from medm.train.trainer import build_training_inputs, build_validation_data, run_training
 
 
@@ -59,7 +60,27 @@ def test_validation_loss_is_logged_at_eval_steps(tmp_path, toy_data):
     val = build_validation_data(cfg, trainer.model, trainer.processing_class)
     expected = answer_loss(trainer.model, val, trainer.data_collator)
     assert rows[-1]["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    # What loss.png and the model card read: every evaluation, the last one too (it shares its step with the
+    # run's summary line).
+    assert [r["step"] for r in read_metrics(str(out)) if "eval_loss" in r] == [2, 4, 6]
     assert (out / "loss.png").is_file()
+
+
+def test_val_path_records_are_the_validation_set(tmp_path, toy_data):
+    records = json.loads(toy_data.read_text())
+    (tmp_path / "train.json").write_text(json.dumps(records[:12]))
+    (tmp_path / "val.json").write_text(json.dumps(records[12:]))
+    (tmp_path / "images").symlink_to(toy_data.parent / "images")
+    out = tmp_path / "run"
+    cfg = make_cfg(out, tmp_path / "train.json", max_steps=2, eval_steps=1, per_device_eval_batch_size=8,
+                   data_args={"val_path": str(tmp_path / "val.json")})
+    trainer = run_training(cfg)
+    val = build_validation_data(cfg, trainer.model, trainer.processing_class)
+    assert [val.record(i).id for i in range(len(val))] == [r["id"] for r in records[12:]]
+    assert len(trainer.train_dataset) == 12
+    rows = _eval_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["eval_loss"] == pytest.approx(answer_loss(trainer.model, val, trainer.data_collator), rel=1e-4)
 
 
 @pytest.mark.parametrize("stage", [{}, {"llm": "frozen"}, {"llm": "lora"}], ids=["full", "components", "lora"])
