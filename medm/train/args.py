@@ -176,6 +176,9 @@ def _check_validation(data: DataArgs, train: TrainArgs, where: str) -> None:
     """Validation settings that cannot work together fail when the config is read, naming the keys."""
     if data.val_path and data.val_size:
         raise ConfigError(f"{where}: data.val_path and data.val_size are both set; give one")
+    if data.val_size and data.val_size >= 1 and data.val_size != int(data.val_size):
+        raise ConfigError(f"{where}: data.val_size: {data.val_size} is neither a fraction (< 1) nor a whole count "
+                          "of records")
     strategy = eval_strategy(train, data)
     if strategy != "no" and not has_validation(data):
         raise ConfigError(f"{where}: train.eval_strategy={strategy} needs validation data: set data.val_path or "

@@ -117,7 +117,7 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
         # The collator builds exactly the model's inputs; the Trainer must neither drop nor guess columns.
         remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=find_unused_parameters,
         # Validation: the loss only (no logits gathered over the whole validation set).
-        eval_strategy=evaluation, eval_steps=train.eval_steps, prediction_loss_only=True,
+        eval_strategy=evaluation, eval_steps=train.eval_steps or None, prediction_loss_only=True,
         per_device_eval_batch_size=train.per_device_eval_batch_size or train.per_device_train_batch_size,
         load_best_model_at_end=train.load_best_model_at_end and evaluation != "no",
         metric_for_best_model=train.metric_for_best_model if evaluation != "no" else None,

@@ -121,6 +121,7 @@ def test_early_stopping_stops_before_max_steps(tmp_path, toy_data):
     ({"load_best_model_at_end": True, "save_strategy": "steps", "save_steps": 5, "eval_steps": 2}, {"val_size": 2},
      "multiple of train.eval_steps"),
     ({}, {"val_size": 2, "val_path": "x.json"}, "val_path and data.val_size"),
+    ({}, {"val_size": 2.5}, "neither a fraction"),
 ])
 def test_validation_settings_that_cannot_work_fail_when_read(tmp_path, toy_data, train, data, message):
     with pytest.raises(ConfigError, match=message):
