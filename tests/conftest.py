@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDM_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def record_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Record stores (medm.data.store) go to a fresh temporary directory, never ~/.cache (subprocesses inherit it)."""
+    path = tmp_path_factory.mktemp("records")
+    monkeypatch.setenv("MEDM_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -13,6 +13,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -22,6 +23,8 @@ from medm.data._encoded import EncodingLog
 from medm.data._media import image_tensor, volume_tensor
 from medm.data.annotations import AnnotationError, Record, load_records, resolve_path
 from medm.data.images import ImageLoadError
+from medm.data.store import SampleStore, open_store, tokenizer_fingerprint
+from medm.data.streaming import StreamingDataset
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
 from medm.data.volumes import VolumeLoadError
 from medm.registry import KIND, VISION
@@ -57,6 +60,72 @@ class DataArgs:
                                        "count (>= 1) of the distinct ids; reproducible for a val_seed, never a "
                                        "sample in both (medm.data.validation); 0 or null: none", ge=0)
     val_seed: int = arg(0, "seed of the val_size split (independent of train.seed)", ge=0)
+    store: str = arg("arrow", "where encoded samples live: `arrow`, a tokenized record store memory-mapped from "
+                              "data.cache_dir, built once by data.num_proc workers and shared by every rank "
+                              "(medm.data.store); `memory`, Python objects built in each process")
+    cache_dir: str | None = arg(None, "directory of the record stores, one per fingerprint of the data files, "
+                                      "tokenizer and settings; null: $MEDM_CACHE_DIR, else ~/.cache/medm/records. "
+                                      "Put it on a shared disk for a multi-node job (`medm data prepare`)")
+    num_proc: int | None = arg(None, "processes that tokenize records into the store; null: every core (one per "
+                                     "500 records at least)", ge=1)
+    streaming: bool = arg(False, "read, tokenize and load records on the fly, sharded by rank and DataLoader worker "
+                                 "(data larger than memory or the disk cache; UTF-8 JSONL files are read line by "
+                                 "line); needs train.max_steps > 0; no length grouping, packing, mixture or "
+                                 "val_size. See medm.data.streaming and docs/data.md")
+    streaming_shuffle_buffer: int = arg(0, "with streaming: draw samples at random from a buffer of this many "
+                                           "encoded samples (token ids only, media load later); 0: file order",
+                                        ge=0)
+    streaming_seed: int = arg(0, "with streaming: seed of the shuffle buffer (with the epoch, pass and shard)",
+                              ge=0)
+
+
+class ConversationEncoder:
+    """Records -> the medm kind's sample columns (ids and labels with one id per media placeholder); the one
+    encode path of `ConversationDataset` and of the record store (medm.data.store), so both give the same ids.
+
+    Args: as `ConversationDataset`'s of the same names.
+    """
+
+    kind = "medm"
+    media_errors: tuple[type[BaseException], ...] = ()  # media are read while training, not here
+
+    def __init__(self, tokenizer, *, num_image_tokens: int, num_image3d_tokens: int = 0, template: str | None = None,
+                 system_prompt: str | None = None, max_length: int = 2048):
+        self.format = ChatFormat(tokenizer, template, system_prompt)
+        self.sizes = self.format.media_sizes(num_image_tokens, num_image3d_tokens)
+        self.max_length = max_length
+
+    def fingerprint(self) -> dict:
+        return {"tokenizer": tokenizer_fingerprint(self.format.tokenizer), "jinja": self.format.jinja,
+                "system_prompt": self.format.system_prompt, "max_length": self.max_length,
+                "sizes": sorted(self.sizes.items())}
+
+    def features(self) -> dict:
+        return {}
+
+    def empty_extra(self) -> dict:
+        return {}
+
+    def encode(self, record: Record) -> dict | None:
+        """`ids`, `labels`, `length` (after expansion and truncation), `n_images`, `n_volumes` (kept), or None
+        when no supervised token is left within max_length.
+
+        Raises:
+            TemplateError: the rendering does not line up with the record (the message names it).
+        """
+        ids, labels = self.format.encode(record)
+        full, lab, kept = expand_media(ids, labels, self.sizes, self.max_length)
+        if all(v == IGNORE_INDEX for v in lab):
+            return None
+        return {"ids": ids, "labels": labels, "length": len(full), "n_images": kept.get(self.format.image_id, 0),
+                "n_volumes": kept.get(self.format.image3d_id, 0)}
+
+
+def first_with_files(records: Sequence[Record] | SampleStore, key: str) -> str | None:
+    """Id of the first record listing `image` / `image3d` files, or None."""
+    if isinstance(records, SampleStore):
+        return records.first_with_files(key)
+    return next((r.id for r in records if getattr(r, key)), None)
 
 
 @dataclass
@@ -73,7 +142,8 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
     """Conversation records as model inputs.
 
     Args:
-        records: normalised records (`medm.data.annotations.load_records`).
+        records: normalised records (`medm.data.annotations.load_records`), encoded here; or a `SampleStore`
+            already encoded by a `ConversationEncoder` with the same settings (`build_conversation_dataset`).
         tokenizer: fast tokenizer with `<image>` / `<image3d>` added (`medm.models.builder.add_media_tokens`).
         num_image_tokens: ids one `<image>` expands to (`model.num_image_tokens`).
         num_image3d_tokens: ids one `<image3d>` expands to (`model.num_image3d_tokens`).
@@ -97,45 +167,70 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
     # covers what the loaders do not wrap (a permission denied, an I/O error on a network disk).
     load_errors = (ImageLoadError, VolumeLoadError, OSError)
 
-    def __init__(self, records: Sequence[Record], tokenizer, *, num_image_tokens: int, num_image3d_tokens: int = 0,
+    def __init__(self, records: Sequence[Record] | SampleStore, tokenizer, *, num_image_tokens: int,
+                 num_image3d_tokens: int = 0,
                  image_preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
                  volume_preprocess: Callable[[str], torch.Tensor] | None = None, image_dir: str | None = None,
                  template: str | None = None, system_prompt: str | None = None, max_length: int = 2048,
                  max_bad_samples: float | None = 100):
-        records = list(records)
-        self.format = ChatFormat(tokenizer, template, system_prompt)
+        self.encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens,
+                                           num_image3d_tokens=num_image3d_tokens, template=template,
+                                           system_prompt=system_prompt, max_length=max_length)
+        self.format = self.encoder.format
         self.image_preprocess = image_preprocess
         self.volume_preprocess = volume_preprocess
         self.image_dir = image_dir
         self.max_length = max_length
-        self.sizes = self.format.media_sizes(num_image_tokens, num_image3d_tokens)
-        self._check_media_support(records, num_image_tokens, num_image3d_tokens)
-        self.samples: list[_Sample] = []
-        log = EncodingLog()
-        for rec in records:
-            try:
-                ids, labels = self.format.encode(rec)
-            except TemplateError as e:
-                log.failed(e)
-                continue
-            full, lab, kept = expand_media(ids, labels, self.sizes, max_length)
-            if all(v == IGNORE_INDEX for v in lab):
-                log.dropped(rec.id)
-                continue
-            self.samples.append(_Sample(rec, array("l", ids), array("l", labels), len(full),
-                                        kept.get(self.format.image_id, 0), kept.get(self.format.image3d_id, 0)))
-        log.finish(len(records), max_length, logger)
-        self.num_dropped = log.num_dropped
+        self.sizes = self.encoder.sizes
+        self.num_image_tokens, self.num_image3d_tokens = num_image_tokens, num_image3d_tokens
+        if not isinstance(records, SampleStore):
+            records = list(records)
+        self.check_records(records)
+        if isinstance(records, SampleStore):
+            self.samples: Sequence[_Sample] | SampleStore = records  # encoded already, memory-mapped
+            self.num_dropped = records.num_dropped
+            num_records = records.meta["num_records"]
+        else:
+            self.samples = []
+            log = EncodingLog()
+            for rec in records:
+                try:
+                    sample = self.encode_sample(rec)
+                except TemplateError as e:
+                    log.failed(e)
+                    continue
+                if sample is None:
+                    log.dropped(rec.id)
+                    continue
+                self.samples.append(sample)
+            log.finish(len(records), max_length, logger)
+            self.num_dropped = log.num_dropped
+            num_records = len(records)
         self.bad_samples = BadSamples(len(self.samples), max_bad_samples)
-        logger.info("conversation dataset: %d samples from %d records, %d dropped", len(self.samples), len(records),
+        logger.info("conversation dataset: %d samples from %d records, %d dropped", len(self.samples), num_records,
                     self.num_dropped)
 
-    def _check_media_support(self, records: Sequence[Record], num_image_tokens: int, num_image3d_tokens: int) -> None:
-        with_images = next((r.id for r in records if r.image), None)
+    def encode_sample(self, rec: Record) -> _Sample | None:
+        """One record's ids and labels (media placeholders not expanded yet), or None when no supervised token is
+        left within `max_length`; the streaming dataset (medm.data.streaming) encodes with this too.
+
+        Raises:
+            TemplateError: the record's rendering does not line up exactly (names the record).
+        """
+        out = self.encoder.encode(rec)  # the record store encodes with the same encoder
+        if out is None:
+            return None
+        return _Sample(rec, array("l", out["ids"]), array("l", out["labels"]), out["length"], out["n_images"],
+                       out["n_volumes"])
+
+    def check_records(self, records: Sequence[Record] | SampleStore) -> None:
+        """Raise ValueError for media the model cannot take (images without a 2D encoder, volumes without 3D)."""
+        num_image_tokens, num_image3d_tokens = self.num_image_tokens, self.num_image3d_tokens
+        with_images = first_with_files(records, "image")
         if with_images is not None and (self.image_preprocess is None or num_image_tokens < 1):
             raise ValueError(f"record {with_images!r} has images, but the dataset has no image_preprocess or "
                              f"num_image_tokens={num_image_tokens}: does the model have a 2D vision encoder?")
-        with_volumes = next((r.id for r in records if r.image3d), None)
+        with_volumes = first_with_files(records, "image3d")
         if with_volumes is not None and (self.volume_preprocess is None or num_image3d_tokens < 1):
             raise ValueError(f"record {with_volumes!r} has 3D volumes (`image3d`), but the dataset has no "
                              f"volume_preprocess or num_image3d_tokens={num_image3d_tokens}: 3D loading needs a "
@@ -143,13 +238,18 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
 
     # ---- what samplers read without loading anything ---------------------------------------------------------
     @property
-    def lengths(self) -> list[int]:
-        """Ids per sample (text + image tokens, after truncation), for length-grouped batching."""
+    def lengths(self) -> list[int] | np.ndarray:
+        """Ids per sample (text + image tokens, after truncation), for length-grouped batching (numpy from a
+        store: no object per sample)."""
+        if isinstance(self.samples, SampleStore):
+            return self.samples.lengths
         return [s.length for s in self.samples]
 
     @property
-    def modalities(self) -> list[str]:
+    def modalities(self) -> list[str] | np.ndarray:
         """Per sample: `image3d` (has volumes), `image` (has 2D images) or `text`."""
+        if isinstance(self.samples, SampleStore):
+            return modalities(self.samples)
         return ["image3d" if s.n_volumes else "image" if s.n_images else "text" for s in self.samples]
 
     def record(self, i: int) -> Record:
@@ -164,7 +264,10 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
         return s.n_images > 0, s.n_volumes > 0
 
     def _item(self, i: int) -> dict[str, torch.Tensor | int | None]:
-        s = self.samples[i]
+        return self.sample_item(self.samples[i])
+
+    def sample_item(self, s: _Sample) -> dict[str, torch.Tensor | int | None]:
+        """The item of an encoded sample, its media loaded (raises one of `load_errors` when they fail)."""
         ids, labels, _ = expand_media(s.ids, s.labels, self.sizes, self.max_length)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -190,6 +293,16 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
                             for p in record.image3d[:n]])
 
 
+def modalities(store: SampleStore) -> np.ndarray:
+    """(N,) str array: `image3d`, `image` or `text` per sample of a store."""
+    return np.where(store.n_volumes > 0, "image3d", np.where(store.n_images > 0, "image", "text"))
+
+
+def annotation_files(path: str | list) -> list[str]:
+    """`data.path` (a file or a list of files) as a list."""
+    return [path] if isinstance(path, str) else list(path)
+
+
 def build_dataset(data_args: DataArgs, model, tokenizer) -> ConversationDataset:
     """The dataset for a model: its template, system prompt, image token counts and encoder preprocessing.
 
@@ -208,16 +321,43 @@ def build_conversation_dataset(data_args: DataArgs, model, tokenizer) -> Convers
     # 3D hook: the 3D encoder's volume preprocessing (medm.data.volumes), with its training augmentation on.
     volume_preprocess = (VISION.get(cfg.vision3d["name"]).preprocessor(cfg.vision3d).for_training()
                          if cfg.vision3d else None)
-    dataset = ConversationDataset(
-        load_records(data_args.path, for_training=True), tokenizer,
-        num_image_tokens=model.num_image_tokens, num_image3d_tokens=model.num_image3d_tokens,
-        image_preprocess=image_preprocess, volume_preprocess=volume_preprocess, image_dir=data_args.image_dir,
-        template=data_args.template if data_args.template is not None else cfg.template,
-        system_prompt=data_args.system_prompt if data_args.system_prompt is not None else cfg.system_prompt,
-        max_length=data_args.max_length, max_bad_samples=data_args.max_bad_samples,
-    )
+    text = {"num_image_tokens": model.num_image_tokens, "num_image3d_tokens": model.num_image3d_tokens,
+            "template": data_args.template if data_args.template is not None else cfg.template,
+            "system_prompt": data_args.system_prompt if data_args.system_prompt is not None else cfg.system_prompt,
+            "max_length": data_args.max_length}
+    if data_args.streaming:
+        records = []  # the dataset without records encodes the stream's records (streaming_dataset)
+    elif use_store(data_args):
+        records = open_store(annotation_files(data_args.path), ConversationEncoder(tokenizer, **text),
+                             cache_dir=data_args.cache_dir, num_proc=data_args.num_proc)
+    else:
+        records = load_records(data_args.path, for_training=True)
+    dataset = ConversationDataset(records, tokenizer, image_preprocess=image_preprocess,
+                                  volume_preprocess=volume_preprocess, image_dir=data_args.image_dir,
+                                  max_bad_samples=data_args.max_bad_samples, **text)
+    if data_args.streaming:
+        return streaming_dataset(data_args, dataset)
     require_samples(dataset, data_args)
     return dataset
+
+
+def streaming_dataset(data_args: DataArgs, encoder) -> StreamingDataset:
+    """The `data.streaming` dataset of either kind: `encoder` is that kind's map-style dataset built with no
+    records, whose code encodes and loads each streamed record."""
+    return StreamingDataset(data_args.path, encoder, max_bad_samples=data_args.max_bad_samples,
+                            shuffle_buffer=data_args.streaming_shuffle_buffer, seed=data_args.streaming_seed)
+
+
+def use_store(data_args: DataArgs) -> bool:
+    """True for `data.store: arrow` (the record store), False for `memory`.
+
+    Raises:
+        ConfigError: another value.
+    """
+    if data_args.store not in ("arrow", "memory"):
+        raise ConfigError(f"data.store: {data_args.store!r}; valid: arrow (a tokenized record store on disk, "
+                          "memory-mapped), memory")
+    return data_args.store == "arrow"
 
 
 def require_samples(dataset, data_args: DataArgs) -> None:

@@ -30,7 +30,9 @@ def validation_ids(ids: list[str], val_size: float, seed: int, where: str = "dat
 def subset(dataset, keep: list[int]):
     """A shallow copy of `dataset` holding only the samples at `keep` (its own bad-sample count)."""
     part = copy.copy(dataset)
-    part.samples = [dataset.samples[i] for i in keep]
+    samples = dataset.samples
+    # A record store (medm.data.store) is cut by index, without reading or copying its rows.
+    part.samples = samples.subset(keep) if hasattr(samples, "subset") else [samples[i] for i in keep]
     old = dataset.bad_samples
     part.bad_samples = BadSamples(len(part.samples), old.max_bad_samples)
     return part
@@ -38,7 +40,8 @@ def subset(dataset, keep: list[int]):
 
 def split_validation(dataset, val_size: float, seed: int) -> tuple:
     """(train, validation) parts of `dataset`, split by record id."""
-    ids = [s.record.id for s in dataset.samples]
+    samples = dataset.samples
+    ids = samples.record_ids if hasattr(samples, "record_ids") else [s.record.id for s in samples]
     val = validation_ids(ids, val_size, seed)
     return (subset(dataset, [i for i, r in enumerate(ids) if r not in val]),
             subset(dataset, [i for i, r in enumerate(ids) if r in val]))

@@ -1,0 +1,239 @@
+"""Building a `SampleStore` (medm.data.store): fingerprint, lock, records to Arrow, encoding by `num_proc` workers,
+atomic rename into the cache; opening it reports what the build found as the in-memory path does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+
+from medm.data._encoded import EncodingLog
+from medm.data.annotations import AnnotationError, RecordError, iter_file
+from medm.data.store import (
+    BAD_MEDIA,
+    DROPPED,
+    FAILED,
+    META,
+    OK,
+    STORE_VERSION,
+    SampleStore,
+    record_from_json,
+    record_to_json,
+)
+from medm.data.templates import TemplateError
+
+logger = logging.getLogger("medm.data.store")
+
+_CHUNK = 10_000  # records per Arrow batch while reading the annotation files
+_MIN_PER_PROC = 500  # with num_proc unset, a worker per this many records at least (processes cost ~1 s to start)
+_MAX_ERRORS = 1000  # encoding errors kept in meta.json (the count is always exact)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def fingerprint(files: list[str], encoder) -> tuple[str, dict[str, Any]]:
+    """(hex digest, what it hashes) for the files and the encoder's settings."""
+    stats = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise AnnotationError(f"annotation file not found: {path}") from None
+        stats.append([os.path.realpath(path), st.st_size, st.st_mtime_ns])
+    what = {"version": STORE_VERSION, "kind": encoder.kind, "files": stats, "encoder": encoder.fingerprint()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest(), what
+
+
+def _write_records(files: list[str], out: str) -> int:
+    """Every record of `files` (normalised, in order) into one Arrow stream file, `_CHUNK` at a time.
+
+    Raises:
+        AnnotationError: bad records, listed as `load_records` lists them.
+    """
+    import pyarrow as pa
+
+    schema = pa.schema([("id", pa.string()), ("source", pa.int32()), ("record", pa.string()),
+                        ("image", pa.list_(pa.string())), ("image3d", pa.list_(pa.string()))])
+    errors: list[RecordError] = []
+    n = 0
+    with pa.OSFile(out, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        cols: dict[str, list] = {name: [] for name in schema.names}
+
+        def flush():
+            if cols["id"]:
+                writer.write_batch(pa.record_batch([pa.array(cols[k], type=schema.field(k).type)
+                                                    for k in schema.names], schema=schema))
+                for v in cols.values():
+                    v.clear()
+
+        for source, path in enumerate(files):
+            for _, rec in iter_file(path, for_training=True):
+                if isinstance(rec, RecordError):
+                    errors.append(rec)
+                    continue
+                cols["id"].append(rec.id)
+                cols["source"].append(source)
+                cols["record"].append(record_to_json(rec))
+                cols["image"].append(rec.image)
+                cols["image3d"].append(rec.image3d)
+                n += 1
+                if len(cols["id"]) >= _CHUNK:
+                    flush()
+        flush()
+    if errors:
+        shown = "\n  ".join(str(e) for e in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise AnnotationError(f"{len(errors)} bad record(s) in {', '.join(files)}:\n  {shown}{more}\n"
+                              "Run `medm data validate FILE --write-clean OUT` to list and drop them.")
+    return n
+
+
+class _EncodeBatch:
+    """`Dataset.map` function: a batch of record rows -> status, error and the encoder's columns."""
+
+    def __init__(self, encoder, files: list[str]):
+        self.encoder, self.files = encoder, files
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        enc = self.encoder
+        names = ["status", "error", "ids", "labels", "length", "n_images", "n_volumes", *enc.features()]
+        out: dict[str, list] = {k: [] for k in names}
+        empty = {"ids": [], "labels": [], "length": 0, "n_images": 0, "n_volumes": 0, **enc.empty_extra()}
+        for text, source in zip(batch["record"], batch["source"]):
+            rec = record_from_json(text)
+            status, error, values = OK, None, None
+            try:
+                values = enc.encode(rec)
+                if values is None:
+                    status = DROPPED
+            except TemplateError as e:
+                status, error = FAILED, f"{self.files[source]}: {e}"
+            except enc.media_errors as e:
+                # Kept as a sample known to be bad, so it is counted and replaced like one found while training.
+                status, error = BAD_MEDIA, str(e)
+                values = {**empty, "n_images": len(rec.image)}
+            values = values or empty
+            out["status"].append(status)
+            out["error"].append(error)
+            for k in names[2:]:
+                out[k].append(values[k])
+        return out
+
+
+def _features(encoder, base):
+    from datasets import Features, List, Value
+
+    feats = dict(base)
+    feats.update(status=Value("int8"), error=Value("string"), ids=List(Value("int32")), labels=List(Value("int32")),
+                 length=Value("int32"), n_images=Value("int32"), n_volumes=Value("int32"), **encoder.features())
+    return Features(feats)
+
+
+def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc: int | None) -> None:
+    """Build the store of `files` into the directory `where` (which must not exist)."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    start = time.perf_counter()
+    os.makedirs(where)
+    raw = os.path.join(where, "records.arrow")
+    n = _write_records(files, raw)
+    if num_proc is None:
+        num_proc = min(cpu_count(), max(1, n // _MIN_PER_PROC))
+    num_proc = max(1, min(num_proc, n))
+    records = Dataset.from_file(raw)
+    bars = is_progress_bar_enabled()
+    if n < 10_000:
+        disable_progress_bar()  # a bar for a few records is noise
+    try:
+        # new_fingerprint: ours already covers the tokenizer; datasets would otherwise hash the encoder itself.
+        encoded = records.map(_EncodeBatch(encoder, files), batched=True, batch_size=1000,
+                              num_proc=num_proc if num_proc > 1 else None,
+                              features=_features(encoder, records.features),
+                              cache_file_name=os.path.join(where, "samples.arrow"), new_fingerprint=fp[:40],
+                              desc=f"tokenizing {n} records")
+    finally:
+        if bars and n < 10_000:
+            enable_progress_bar()
+    shards = [os.path.basename(c["filename"]) for c in encoded.cache_files]
+    table = encoded.data.table
+    status = table.column("status").to_numpy()
+    failed = np.flatnonzero(status == FAILED)
+    dropped = np.flatnonzero(status == DROPPED)
+    meta = {
+        **what, "fingerprint": fp, "shards": shards, "extra_columns": list(encoder.features()),
+        "num_records": n, "num_samples": int(((status == OK) | (status == BAD_MEDIA)).sum()),
+        "num_failed": len(failed), "num_dropped": len(dropped), "num_bad_media": int((status == BAD_MEDIA).sum()),
+        "errors": table.column("error").take(failed[:_MAX_ERRORS]).to_pylist(),
+        "dropped_ids": table.column("id").take(dropped[:5]).to_pylist(),
+        "max_length": getattr(encoder, "max_length", None), "num_proc": num_proc,
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+    del encoded, records, table
+    os.remove(raw)
+    with open(os.path.join(where, META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def _report(store: SampleStore) -> None:
+    """What the build found, as the in-memory datasets report it: encoding errors raised (every worker's, naming
+    file, record id and reason), dropped records warned about."""
+    meta = store.meta
+    log = EncodingLog()
+    log.errors = [TemplateError(e) for e in meta["errors"]]
+    if meta["num_failed"] > len(log.errors):
+        log.errors += [TemplateError("(not kept)")] * (meta["num_failed"] - len(log.errors))
+    log.num_dropped = meta["num_dropped"]
+    log._dropped_ids = list(meta["dropped_ids"])
+    log.finish(meta["num_records"], meta["max_length"], logger)
+
+
+def build_or_open(files: list[str], encoder, *, cache_dir: str, num_proc: int | None, decode) -> SampleStore:
+    """`medm.data.store.open_store`.
+
+    Raises:
+        AnnotationError: a file is missing or holds bad records.
+        TemplateError: records that cannot be encoded exactly (all of them listed, from every worker).
+    """
+    from filelock import FileLock
+
+    fp, what = fingerprint(files, encoder)
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    os.makedirs(cache_dir, exist_ok=True)
+    final = os.path.join(cache_dir, f"{encoder.kind}-{fp[:24]}")
+    built = False
+    if not os.path.isfile(os.path.join(final, META)):
+        lock = FileLock(final + ".lock")
+        if lock.is_locked:
+            logger.info("record store: waiting for another process building %s", final)
+        with lock:
+            if not os.path.isfile(os.path.join(final, META)):  # nobody built it while we waited
+                tmp = f"{final}.tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                logger.info("record store: cache miss, building %s from %s", final, ", ".join(files))
+                try:
+                    _build(files, encoder, tmp, fp, what, num_proc)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                shutil.rmtree(final, ignore_errors=True)  # a directory left without meta.json by a crash
+                os.rename(tmp, final)
+                built = True
+    store = SampleStore(final, decode)
+    store.built = built
+    meta = store.meta
+    if not built:
+        logger.info("record store: cache hit, %d samples of %d records at %s", len(store), meta["num_records"], final)
+    else:
+        logger.info("record store: built %d samples of %d records in %.1f s (%d worker(s)) at %s", len(store),
+                    meta["num_records"], meta["build_seconds"], meta["num_proc"], final)
+    _report(store)
+    return store

@@ -1,0 +1,207 @@
+"""`SampleStore`: a dataset's tokenized samples in Arrow files on disk, memory-mapped, built once and shared.
+
+Records are normalised and encoded once (by `data.num_proc` workers, through the model kind's own encoder, so ids
+and labels are exactly those of the in-memory path) into Arrow tables under `data.cache_dir`, one directory per
+fingerprint of everything that changes the tokens: the data files (path, size, mtime), the tokenizer's state, the
+kind, template, system prompt, `max_length`, media token counts (qwen-vl: the processor's image settings, box
+format and image dir) and `STORE_VERSION`. A file lock lets exactly one process build a missing store; every other
+rank (or node on a shared disk) waits and opens the same files. Opening reads a few columns into numpy (lengths,
+modality counts, status); token ids and records stay in the mapping until a sample is read, so resident memory is
+flat in the number of records and forked or spawned DataLoader workers share the pages.
+
+    store = open_store(["train.jsonl"], ConversationEncoder(tok, num_image_tokens=64), cache_dir="~/.cache/medm")
+    store[i].ids, store[i].labels, store[i].record      # one sample, attributes as the datasets' `_Sample`
+    store.lengths, store.n_images, store.n_volumes      # numpy, one value per sample
+    store.subset(np.array([0, 5, 9]))                   # a view by index, no rows copied
+
+An encoder (`ConversationEncoder` in medm.data.dataset, `QwenVLEncoder` in medm.qwenvl.data) has:
+`kind` (str), `fingerprint()` (JSON-able dict), `features()` (extra Arrow columns: name -> `datasets` feature),
+`media_errors` (exceptions that make a record a known-bad sample instead of an error) and `encode(record)` ->
+dict(ids, labels, length, n_images, n_volumes, extra columns...) or None (dropped: no supervised token within
+max_length), raising `TemplateError` when the record cannot be encoded exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from medm.data.annotations import Record
+
+__all__ = ["STORE_VERSION", "SampleStore", "StoredSample", "default_cache_dir", "open_store", "record_from_json",
+           "record_to_json", "tokenizer_fingerprint"]
+
+STORE_VERSION = 1
+# Per-row status in the `status` column.
+OK, FAILED, DROPPED, BAD_MEDIA = 0, 1, 2, 3
+META = "meta.json"
+
+
+def default_cache_dir() -> str:
+    """`$MEDM_CACHE_DIR`, else `~/.cache/medm/records`."""
+    return os.environ.get("MEDM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "medm", "records")
+
+
+def record_to_json(record: Record) -> str:
+    return json.dumps(dataclasses.asdict(record), ensure_ascii=False)
+
+
+def record_from_json(text: str) -> Record:
+    return Record(**json.loads(text))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of a tokenizer's serialized state (vocabulary, merges, added tokens, normalisation), chat template and
+    special tokens: what decides the ids it gives."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps({"added": sorted((i, str(t)) for i, t in tokenizer.added_tokens_decoder.items()),
+                         "special": tokenizer.special_tokens_map, "chat_template": tokenizer.chat_template},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class StoredSample:
+    """One sample read from a store: `ids`, `labels` (lists of int, one id per media placeholder), `length` (after
+    expansion and truncation), `n_images`, `n_volumes`, `record` (decoded on first use) and the kind's extra
+    attributes (qwen-vl: `geometries`)."""
+
+    def __init__(self, record_json: str, ids: list[int], labels: list[int], length: int, n_images: int,
+                 n_volumes: int, **extra: Any):
+        self._record_json = record_json
+        self._record: Record | None = None
+        self.ids, self.labels, self.length = ids, labels, length
+        self.n_images, self.n_volumes = n_images, n_volumes
+        self.__dict__.update(extra)
+
+    @property
+    def record(self) -> Record:
+        if self._record is None:
+            self._record = record_from_json(self._record_json)
+        return self._record
+
+
+class SampleStore(Sequence):
+    """The samples of a built store (see the module doc), in record order, failed and dropped records left out.
+
+    Args:
+        path: the store's directory (`open_store` builds it and returns the store).
+        decode: the kind's `(extra column values) -> attributes` for `StoredSample` (picklable); None: kept as read.
+        rows: table rows of the samples (a subset); None: every kept record.
+
+    Attributes:
+        meta: what the build found (`num_records`, `num_dropped`, `errors`, `files`, `fingerprint`, ...).
+        lengths: (N,) int64, ids per sample after expansion and truncation (a known-bad sample: the longest).
+        n_images, n_volumes: (N,) int32, media kept after truncation.
+        bad: (N,) bool, samples whose media could not be read when the store was built (qwen-vl).
+        built: True when this process built the store (a cache miss).
+    """
+
+    def __init__(self, path: str, decode: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 rows: np.ndarray | None = None):
+        from datasets import Dataset, concatenate_datasets
+
+        self.path = path
+        self.decode = decode
+        self.built = False
+        with open(os.path.join(path, META)) as f:
+            self.meta = json.load(f)
+        parts = [Dataset.from_file(os.path.join(path, name)) for name in self.meta["shards"]]
+        self._dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        table = self._dataset.data.table  # memory-mapped: nothing is read until a column is touched
+        self._extra = list(self.meta["extra_columns"])
+        self._cols = {name: table.column(name) for name in
+                      ("id", "record", "ids", "labels", "length", "n_images", "n_volumes", *self._extra)}
+        status = table.column("status").to_numpy()
+        self._all_rows = np.flatnonzero((status == OK) | (status == BAD_MEDIA)).astype(np.int64)
+        lengths = table.column("length").to_numpy().astype(np.int64)
+        bad = status == BAD_MEDIA
+        if bad.any():
+            # A bad sample's length is unknown; the longest lets any good sample of its modality stand in for it.
+            lengths[bad] = lengths[self._all_rows].max(initial=0)
+        self._lengths_all, self._bad_all = lengths, bad
+        self._n_images_all = table.column("n_images").to_numpy()
+        self._n_volumes_all = table.column("n_volumes").to_numpy()
+        self._select(self._all_rows if rows is None else np.asarray(rows, dtype=np.int64))
+
+    def _select(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        self.lengths = self._lengths_all[rows]
+        self.n_images = self._n_images_all[rows]
+        self.n_volumes = self._n_volumes_all[rows]
+        self.bad = self._bad_all[rows]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers and copies reopen the mapping by path instead of pickling the table.
+        return {"path": self.path, "decode": self.decode, "rows": self.rows, "built": self.built}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["decode"], state["rows"])
+        self.built = state["built"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r = int(self.rows[i])
+        c = self._cols
+        extra = {name: c[name][r].as_py() for name in self._extra}
+        if self.decode is not None:
+            extra = self.decode(extra)
+        return StoredSample(c["record"][r].as_py(), c["ids"][r].values.to_numpy().tolist(),
+                            c["labels"][r].values.to_numpy().tolist(), int(self.lengths[i]), int(self.n_images[i]),
+                            int(self.n_volumes[i]), **extra)
+
+    def subset(self, keep: Sequence[int] | np.ndarray) -> SampleStore:
+        """The samples at positions `keep` (a view on the same files; nothing is copied)."""
+        part = object.__new__(SampleStore)
+        part.__dict__.update(self.__dict__)
+        part._select(self.rows[np.asarray(keep, dtype=np.int64)])
+        return part
+
+    @property
+    def record_ids(self) -> list[str]:
+        """Record id of every sample (one column read, no record decoded)."""
+        return self._cols["id"].take(self.rows).to_pylist()
+
+    def bad_reasons(self) -> list[tuple[int, str]]:
+        """(sample position, reason) of the samples whose media could not be read when the store was built."""
+        where = np.flatnonzero(self.bad)
+        if not len(where):
+            return []
+        errors = self._dataset.data.table.column("error").take(self.rows[where]).to_pylist()
+        return list(zip(where.tolist(), errors))
+
+    def first_with_files(self, key: str) -> str | None:
+        """Id of the first record (of all, before dropping) listing `image` or `image3d` files, or None."""
+        import pyarrow.compute as pc
+
+        counts = pc.list_value_length(self._dataset.data.table.column(key)).to_numpy(zero_copy_only=False)
+        hit = np.flatnonzero(counts > 0)
+        return None if not len(hit) else self._cols["id"][int(hit[0])].as_py()
+
+    @property
+    def num_dropped(self) -> int:
+        return int(self.meta["num_dropped"])
+
+
+def open_store(files: Sequence[str], encoder, *, cache_dir: str | None = None, num_proc: int | None = None,
+               decode: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> SampleStore:
+    """The store of `files` encoded by `encoder`: opened from the cache when its fingerprint is there, else built
+    (by one process; others wait on the lock) and opened. See `medm.data._store_build.open_store`."""
+    from medm.data._store_build import build_or_open
+
+    return build_or_open(list(files), encoder, cache_dir=cache_dir or default_cache_dir(), num_proc=num_proc,
+                         decode=decode)
