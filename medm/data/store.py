@@ -114,6 +114,7 @@ class SampleStore(Sequence):
         self.path = path
         self.decode = decode
         self.built = False
+        self.is_subset = rows is not None
         with open(os.path.join(path, META)) as f:
             self.meta = json.load(f)
         parts = [Dataset.from_file(os.path.join(path, name)) for name in self.meta["shards"]]
@@ -143,7 +144,8 @@ class SampleStore(Sequence):
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers and copies reopen the mapping by path instead of pickling the table.
-        return {"path": self.path, "decode": self.decode, "rows": self.rows, "built": self.built}
+        return {"path": self.path, "decode": self.decode, "rows": self.rows if self.is_subset else None,
+                "built": self.built}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"], state["decode"], state["rows"])
@@ -169,6 +171,7 @@ class SampleStore(Sequence):
         part = object.__new__(SampleStore)
         part.__dict__.update(self.__dict__)
         part._select(self.rows[np.asarray(keep, dtype=np.int64)])
+        part.is_subset = True
         return part
 
     @property
@@ -185,12 +188,14 @@ class SampleStore(Sequence):
         return list(zip(where.tolist(), errors))
 
     def first_with_files(self, key: str) -> str | None:
-        """Id of the first record (of all, before dropping) listing `image` or `image3d` files, or None."""
+        """Id of the first record listing `image` or `image3d` files, or None: of every record read (dropped ones
+        too, as the in-memory datasets check them), or of the samples of a subset."""
         import pyarrow.compute as pc
 
         counts = pc.list_value_length(self._dataset.data.table.column(key)).to_numpy(zero_copy_only=False)
-        hit = np.flatnonzero(counts > 0)
-        return None if not len(hit) else self._cols["id"][int(hit[0])].as_py()
+        rows = self.rows if self.is_subset else np.arange(len(counts))
+        hit = np.flatnonzero(counts[rows] > 0)
+        return None if not len(hit) else self._cols["id"][int(rows[hit[0]])].as_py()
 
     @property
     def num_dropped(self) -> int:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -33,8 +34,9 @@ from medm.data._bad_samples import BadSamples, SkipsBadSamples
 from medm.data._encoded import EncodingLog
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record, load_records, resolve_path
 from medm.data.collator import DataCollator
-from medm.data.dataset import require_samples
+from medm.data.dataset import annotation_files, first_with_files, require_samples, streaming_dataset, use_store
 from medm.data.images import ImageLoadError, is_dicom, load_image
+from medm.data.store import SampleStore, open_store
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError
 from medm.qwenvl import boxes
 
@@ -269,7 +271,8 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
     """Conversation records as Qwen-VL inputs (see the module doc).
 
     Args:
-        records: normalised records (`medm.data.annotations.load_records`).
+        records: normalised records (`medm.data.annotations.load_records`), encoded here; or a `SampleStore`
+            encoded by a `QwenVLEncoder` with the same settings (`build_qwenvl_dataset`).
         processor: the model's processor.
         box_format: the model's box convention.
         image_dir: base directory of relative image paths.
@@ -282,38 +285,44 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
     `length` T.
     """
 
-    def __init__(self, records: Sequence[Record], processor, *, box_format: str, image_dir: str | None = None,
-                 system_prompt: str | None = None, max_length: int = 2048, max_bad_samples: float | None = 100):
-        records = list(records)
+    def __init__(self, records: Sequence[Record] | SampleStore, processor, *, box_format: str,
+                 image_dir: str | None = None, system_prompt: str | None = None, max_length: int = 2048,
+                 max_bad_samples: float | None = 100):
+        from medm.qwenvl._encoder import QwenVLEncoder  # imports this module
+
         self.inputs = QwenVLInputs(processor, box_format, system_prompt)
+        self.encoder = QwenVLEncoder(self.inputs, image_dir, max_length)
         self.processor = processor
         self.image_dir = image_dir
         self.max_length = max_length
-        volumes = next((r.id for r in records if r.image3d), None)
-        if volumes is not None:
-            raise ValueError(f"record {volumes!r} has 3D volumes (`image3d`); Qwen-VL models take 2D images only")
-        self.samples: list[_Sample] = []
-        sizes: dict[str, Size] = {}
+        if isinstance(records, SampleStore):
+            self.check_records(records)
+            self.samples: Sequence[_Sample] | SampleStore = records  # encoded already, memory-mapped
+            self.num_dropped = records.num_dropped
+            self.bad_samples = BadSamples(len(records), max_bad_samples)
+            for j, reason in records.bad_reasons():
+                self.mark_bad(j, ValueError(reason))  # the ImageLoadError's message, kept by the build
+            return
+        records = list(records)
+        self.check_records(records)
+        self.samples = []
         log = EncodingLog()
         unreadable: list[tuple[int, ImageLoadError]] = []
         for rec in records:
             try:
-                geometries = [self.inputs.geometry(self._size(p, sizes)) for p in rec.image]
+                sample = self.encode_sample(rec)
             except ImageLoadError as e:
                 # Kept as a sample known to be bad, so it is counted and replaced like one found while training.
                 unreadable.append((len(self.samples), e))
                 self.samples.append(_Sample(rec, [], array("l"), array("l"), 0, len(rec.image)))
                 continue
-            try:
-                ids, labels = self.inputs.encode(rec, geometries)
             except TemplateError as e:
                 log.failed(e)
                 continue
-            full, lab, kept = self.inputs.expand(ids, labels, geometries, max_length)
-            if all(v == IGNORE_INDEX for v in lab):
+            if sample is None:
                 log.dropped(rec.id)
                 continue
-            self.samples.append(_Sample(rec, geometries, array("l", ids), array("l", labels), len(full), kept))
+            self.samples.append(sample)
         log.finish(len(records), max_length, logger)
         self.num_dropped = log.num_dropped
         # A bad sample's length is unknown; the longest lets any good sample of its modality stand in for it.
@@ -324,32 +333,39 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
         for j, e in unreadable:
             self.mark_bad(j, e)
 
-    def _size(self, path: str, cache: dict[str, Size]) -> Size:
-        """(width, height) of an image from its header.
+    @staticmethod
+    def check_records(records: Sequence[Record] | SampleStore) -> None:
+        """Raise ValueError for a record with 3D volumes (Qwen-VL models take 2D images only)."""
+        volumes = first_with_files(records, "image3d")
+        if volumes is not None:
+            raise ValueError(f"record {volumes!r} has 3D volumes (`image3d`); Qwen-VL models take 2D images only")
+
+    def encode_sample(self, rec: Record) -> _Sample | None:
+        """One record's ids and labels (one `<|image_pad|>` per image) and image geometries from the headers, or
+        None when no supervised token is left within `max_length`; the streaming dataset encodes with this too.
 
         Raises:
-            ImageLoadError: unreadable, or an aspect ratio above 200 (the processors refuse it).
+            ImageLoadError: an image header cannot be read (a bad sample).
+            TemplateError: the rendering does not line up exactly (names the record).
         """
-        full = resolve_path(path, self.image_dir)
-        if full not in cache:
-            try:
-                w, h = image_size(full)
-            except ImageLoadError:
-                raise
-            except (OSError, ValueError) as e:
-                raise ImageLoadError(full, str(e)) from None
-            if max(w, h) / max(min(w, h), 1) > 200:
-                raise ImageLoadError(full, f"{w}x{h} pixels: Qwen-VL processors refuse aspect ratios above 200")
-            cache[full] = (w, h)
-        return cache[full]
+        out = self.encoder.encode(rec)  # the record store encodes with the same encoder (image sizes cached there)
+        if out is None:
+            return None
+        return _Sample(rec, out["image_geometries"], array("l", out["ids"]), array("l", out["labels"]),
+                       out["length"], out["n_images"])
 
     @property
-    def lengths(self) -> list[int]:
-        """Ids per sample (text + image tokens, after truncation), for length-grouped batching."""
+    def lengths(self) -> list[int] | np.ndarray:
+        """Ids per sample (text + image tokens, after truncation), for length-grouped batching (numpy from a
+        store)."""
+        if isinstance(self.samples, SampleStore):
+            return self.samples.lengths
         return [s.length for s in self.samples]
 
     @property
-    def modalities(self) -> list[str]:
+    def modalities(self) -> list[str] | np.ndarray:
+        if isinstance(self.samples, SampleStore):
+            return np.where(self.samples.n_images > 0, "image", "text")
         return ["image" if s.n_images else "text" for s in self.samples]
 
     def record(self, i: int) -> Record:
@@ -368,7 +384,10 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
         return self.samples[i].n_images > 0
 
     def _item(self, i: int) -> dict[str, Any]:
-        s = self.samples[i]
+        return self.sample_item(self.samples[i])
+
+    def sample_item(self, s: _Sample) -> dict[str, Any]:
+        """The item of an encoded sample, its images loaded (raises one of `load_errors` when they fail)."""
         ids, labels, _ = self.inputs.expand(s.ids, s.labels, s.geometries, self.max_length)
         item: dict[str, Any] = {"input_ids": torch.tensor(ids, dtype=torch.long),
                                 "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": None,
@@ -390,10 +409,23 @@ def build_qwenvl_dataset(data_args, model, processor) -> QwenVLDataset:
     settings = model.medm_settings
     system_prompt = data_args.system_prompt if data_args.system_prompt is not None else settings.get("system_prompt")
 
-    dataset = QwenVLDataset(load_records(data_args.path, for_training=True), processor,
+    if data_args.streaming:
+        records = []
+    elif use_store(data_args):
+        from medm.qwenvl._encoder import QwenVLEncoder
+
+        encoder = QwenVLEncoder(QwenVLInputs(processor, settings["box_format"], system_prompt), data_args.image_dir,
+                                data_args.max_length)
+        records = open_store(annotation_files(data_args.path), encoder, cache_dir=data_args.cache_dir,
+                             num_proc=data_args.num_proc, decode=encoder.decoder())
+    else:
+        records = load_records(data_args.path, for_training=True)
+    dataset = QwenVLDataset(records, processor,
                             box_format=settings["box_format"], image_dir=data_args.image_dir,
                             system_prompt=system_prompt, max_length=data_args.max_length,
                             max_bad_samples=data_args.max_bad_samples)
+    if data_args.streaming:
+        return streaming_dataset(data_args, dataset)  # the dataset without records encodes the stream's records
     require_samples(dataset, data_args)
     return dataset
 
