@@ -65,6 +65,49 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none): a figure taken while other work runs on
+    the same cores is read against it."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def spread_stats(values: list[float], digits: int = 3) -> dict[str, Any]:
+    """{"median", "min", "max", "n"} of repeated measurements: what every benchmark figure is printed as."""
+    v = sorted(values)
+    mid = len(v) // 2
+    median = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return {"median": round(median, digits), "min": round(v[0], digits), "max": round(v[-1], digits), "n": len(v)}
+
+
+def ratio_stats(num: list[float], den: list[float], digits: int = 3) -> dict[str, Any]:
+    """spread_stats of num[i] / den[i]: each ratio from one round, whose arms ran next to each other."""
+    return spread_stats([a / b for a, b in zip(num, den)], digits)
+
+
+def interleaved(arms: dict[str, Any], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Run each arm `repeats` times as A, B, C, B, C, A, C, A, B, ... (the order rotating every round), so that
+    no arm gains or loses by its place while the machine warms up or other work comes and goes.
+
+    Args:
+        arms: name -> fn() returning the seconds one run of that arm took (the arm times only its own work:
+            preparation it does before its timer does not count).
+        repeats: rounds; every arm runs once per round.
+        warmup: run every arm once, untimed, first.
+    Returns:
+        name -> its `repeats` seconds, round by round (index i of every list is the same round).
+    """
+    names = list(arms)
+    if warmup:
+        for name in names:
+            arms[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(float(arms[name]()))
+    return out
+
+
 def timed(fn, device: str, repeat: int, warmup: int = 1) -> float:
     """Median seconds of `fn()` over `repeat` runs after `warmup` runs."""
     for _ in range(warmup):
@@ -99,6 +142,8 @@ class Bench:
         parser.add_argument("--data-dir", help="shared data (default: $MEDM_DATA_DIR or ../shared/data)")
         parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
         parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+        parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds behind every median / min "
+                                                                      "/ max (default 5; 2 with --quick)")
         self.add_args(parser)
         args = parser.parse_args(argv)
         import torch
@@ -106,6 +151,8 @@ class Bench:
         if args.threads:
             torch.set_num_threads(args.threads)
         args.device = pick_device(args.device)
+        args.repeats = args.repeats or (2 if args.quick else 5)
+        load_start = loadavg()
         start = time.perf_counter()
         try:
             figures = self.run(args)
@@ -113,7 +160,8 @@ class Bench:
             figures = {"skipped": str(e)}
             print(f"{self.name}: skipped: {e}", file=sys.stderr)
         out = {"bench": self.name, "quick": args.quick, "device": args.device, **figures,
-               "seconds": round(time.perf_counter() - start, 1), "machine": machine()}
+               "seconds": round(time.perf_counter() - start, 1), "repeats": args.repeats,
+               "loadavg_start": load_start, "loadavg_end": loadavg(), "machine": machine()}
         print(json.dumps(out))
         return 0
 

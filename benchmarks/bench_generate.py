@@ -3,7 +3,9 @@
 Generation speed of a medm model (random weights, so every answer runs to `--new-tokens`): new tokens per
 second at batch 1 and batch 8, with the KV cache (what `medm infer` and the playground use) and without it
 (every step re-reads the whole prompt, images included). Prompts are a VQA question behind one image, rendered
-by the model's chat template, left-padded as `medm.infer` batches them.
+by the model's chat template, left-padded as `medm.infer` batches them. With and without the cache run
+interleaved (`--repeats` rounds, default 5); each figure is the median with min and max, the speedup taken round
+by round.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 from typing import Any
 
 import torch
-from _common import Bench, model_config, timed
+from _common import Bench, interleaved, model_config, ratio_stats, spread_stats, timed
 
 
 class GenerateBench(Bench):
@@ -48,20 +50,20 @@ class GenerateBench(Bench):
                              for _ in range(bs)])
             batch = {k: v.to(args.device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            for cache in (True, False):
-                def gen():
+
+            def gen(cache):
+                def run():
                     with torch.no_grad():
                         res = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                              use_cache=cache, pad_token_id=tok.pad_token_id)
                     assert res.shape[1] - batch["input_ids"].shape[1] == new
+                return lambda: timed(run, args.device, repeat=1, warmup=0)
 
-                secs = timed(gen, args.device, repeat=1 if args.quick else 3)
-                out[f"batch{bs}_{'cache' if cache else 'no_cache'}_tokens_per_s"] = round(bs * new / secs, 1)
-        for bs in args.batch_sizes:
-            out[f"batch{bs}_cache_speedup"] = round(out[f"batch{bs}_cache_tokens_per_s"]
-                                                   / out[f"batch{bs}_no_cache_tokens_per_s"], 2)
+            secs = interleaved({"cache": gen(True), "no_cache": gen(False)}, args.repeats)
+            for arm, times in secs.items():
+                out[f"batch{bs}_{arm}_tokens_per_s"] = spread_stats([bs * new / t for t in times], 1)
+            out[f"batch{bs}_cache_speedup"] = ratio_stats(secs["no_cache"], secs["cache"], 2)
         return out
-
 
 
 if __name__ == "__main__":
