@@ -1,12 +1,15 @@
 """YAML -> dataclasses, with dotted overrides from the CLI (`llm.path=/models/x`).
 
 Every argument is a dataclass field with `metadata["help"]`, so the CLI, the YAML and the docs share one
-definition. Unknown keys are errors that name the key and list the valid ones.
+definition. A value that does not fit is a one-line error naming the key, the value and what was expected
+(`train.learning_rate: 'abc' is not a float`); an unknown key names the closest known one
+(`train.learnig_rate: unknown key; did you mean learning_rate?`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -38,6 +41,32 @@ def arg(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None 
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
     return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+def closest(word: str, known: Any) -> str | None:
+    """The known name nearest to a misspelt `word`, or None when none is near: the first that `word` begins
+    (`adamw` -> adamw_torch), else the closest by difflib."""
+    known = [str(k) for k in known]
+    started = [k for k in known if k.startswith(str(word))] if len(str(word)) >= 4 else []
+    found = started or difflib.get_close_matches(str(word), known, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_key(where: str, key: str, known: Any, what: str = "key", sep: str = ".", of: str = "") -> ConfigError:
+    """`where.key: unknown key; did you mean X?` (or the list of known keys when none is close); `of` names whose
+    keys they are (` for 'clip'`)."""
+    known = list(known)
+    best = closest(key, known)
+    hint = f"did you mean {best}?" if best else f"valid {what}s: {', '.join(map(str, known))}"
+    return ConfigError(f"{where}{sep}{key}: unknown {what}{of}; {hint}")
+
+
+def not_allowed(where: str, value: Any, allowed: Any) -> ConfigError:
+    """`where: 'x' is not allowed; did you mean y? (allowed: ...)` for a value outside a field's choices."""
+    allowed = [str(a) for a in allowed]
+    best = closest(value, allowed) if isinstance(value, str) else None
+    hint = f"; did you mean {best}?" if best else ""
+    return ConfigError(f"{where}: {value!r} is not allowed{hint} (allowed: {', '.join(allowed)})")
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -87,7 +116,7 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a float", str: "a string", list: "a list",
                dict: "a mapping", type(None): "null"}
 
 
@@ -141,7 +170,8 @@ def _coerce(value: Any, tp: Any, choices: tuple | None) -> tuple[bool, Any]:
 
 def _type_words(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_words(a) for a in typing.get_args(tp))
+        members = [a for a in typing.get_args(tp) if a is not type(None)]  # `float | None`: 'abc' is not a float
+        return " or ".join(dict.fromkeys(_type_words(a) for a in members))
     base = typing.get_origin(tp) or tp
     return _TYPE_WORDS.get(base, "a mapping" if _is_dataclass_type(base) else getattr(base, "__name__", str(tp)))
 
@@ -152,25 +182,30 @@ def check_value(value: Any, tp: Any, field: dataclasses.Field, where: str) -> An
     choices = field.metadata.get("choices")
     fits, coerced = _coerce(value, tp, choices)
     if not fits:
-        raise ConfigError(f"{where}: must be {_type_words(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: {value!r} is not {_type_words(tp)}")
     value = coerced
     ge = field.metadata.get("ge")
     if ge is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < ge:
-        raise ConfigError(f"{where}: must be >= {ge}, got {value!r}")
+        raise ConfigError(f"{where}: {value!r} is not allowed (must be >= {ge})")
     if choices and isinstance(value, str) and value not in choices:
-        raise ConfigError(f"{where}: unknown value {value!r}; known: {', '.join(map(str, choices))}")
+        raise not_allowed(where, value, choices)
     return value
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build dataclass `cls` from a dict, recursing into nested dataclass fields; each value is checked against
-    its field's type, bound and choices (`check_value`)."""
+    its field's type, bound and choices (`check_value`). A class may refuse keys by name with a reason
+    (`__refused__ = {key: reason}`)."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    refused = getattr(cls, "__refused__", {})
+    for key in data:
+        if key in refused and key not in names:
+            raise ConfigError(f"{where}.{key}: not settable: {refused[key]}")
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
+        raise unknown_key(where, unknown[0], names)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

@@ -7,6 +7,8 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from medm.config import closest
+
 
 class UnknownNameError(KeyError):
     """A name no component is registered under; the message lists the known names."""
@@ -46,7 +48,9 @@ class Registry:
         _load_components()
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}")
+            best = closest(name, self._items)
+            hint = f" did you mean {best}?" if best else ""
+            raise UnknownNameError(f"unknown {self.kind} {name!r};{hint} known: {known}")
         return self._items[name]
 
     def build(self, name: str, **cfg: Any) -> Any:

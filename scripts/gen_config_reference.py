@@ -15,10 +15,14 @@ import importlib
 import inspect
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
+import transformers
+
 from medm._docstrings import docstring_args
+from medm.train._training_arguments import REFUSED, own_fields, passthrough_fields
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "config_reference.md"
@@ -55,6 +59,8 @@ def _yaml(value: Any) -> str:
     """A default as it would be written in YAML."""
     if value is None:
         return "null"
+    if value == "":
+        return '""'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
@@ -72,7 +78,8 @@ def _cell(text: str) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    union = typing.get_origin(tp) is typing.Union  # typing.Union[...] is named "Union": show its members
+    text = tp if isinstance(tp, str) else str(tp) if union else getattr(tp, "__name__", str(tp))
     return text.replace("typing.", "").replace("NoneType", "None")
 
 
@@ -91,12 +98,16 @@ def _field_default(f: dataclasses.Field) -> str:
     return "required"
 
 
-def dataclass_table(cls: type) -> list[str]:
-    """One row per field: key, type, default, help (field metadata, else the class docstring's entry)."""
+def dataclass_table(cls: type, fields: list[dataclasses.Field] | None = None, first_sentence: bool = False
+                    ) -> list[str]:
+    """One row per field (`fields`, default: all of `cls`): key, type, default, help (field metadata, else the class
+    docstring's entry; `first_sentence`: only the help's first sentence)."""
     from_doc = docstring_args(cls)
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls) if fields is None else fields:
         text = f.metadata.get("help") or from_doc.get(f.name, "")
+        if first_sentence:
+            text = re.split(r"(?<=[a-z0-9)`'])\.\s", " ".join(text.split()), maxsplit=1)[0].rstrip(".") + "."
         rows.append(f"| `{f.name}` | `{_cell(_type_name(f.type))}` | `{_cell(_field_default(f))}` | {_cell(text)} |")
     return rows
 
@@ -192,7 +203,21 @@ def render() -> str:
                     "Settings of the components set to `lora` / `qlora`.")
 
     out += ["## Training (`train:`)", ""]
-    out += _section("`train`", _cls("train"))
+    train = _cls("train")
+    out += ["### `train`", "", f"`{train.__module__}.{train.__qualname__}`. medm's own settings; every other "
+            "field of transformers' `TrainingArguments` is settable too (below).", ""]
+    out += dataclass_table(train, [train.__dataclass_fields__[name] for name in own_fields(train)]) + [""]
+    out += ["### `train`: the other fields of transformers' `TrainingArguments`", "",
+            f"Passed to the Trainer as they are, with transformers' own types and defaults (transformers "
+            f"{transformers.__version__}; the description is the first sentence of its help, the whole of which is "
+            "in [transformers' TrainingArguments reference](https://huggingface.co/docs/transformers/main_classes/"
+            "trainer#transformers.TrainingArguments)). They are checked when the config is read like medm's own: "
+            "`train.ddp_timeout: 'soon' is not an integer`.", ""]
+    out += dataclass_table(train, passthrough_fields(train), first_sentence=True) + [""]
+    out += ["### `train`: fields medm sets itself", "",
+            "A config that sets one of these is refused with the reason (`train.use_cpu: not settable: ...`).", "",
+            "| key | why |", "|---|---|"]
+    out += [f"| `{name}` | {_cell(why)} |" for name, why in REFUSED.items()]
     return "\n".join(out).rstrip() + "\n"
 
 

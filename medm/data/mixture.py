@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medm.config import arg
+from medm.config import arg, unknown_key
 
 
 class MixtureError(ValueError):
@@ -96,9 +96,9 @@ def parse_mixture(spec: str | Sequence[str | dict[str, Any]], image_dir: str | N
         if not isinstance(item, dict):
             raise MixtureError(f"{where}: expected a path or a mapping with path / image_dir / ratio / order, got "
                                f"{item!r}")
-        unknown = set(item) - _KEYS
+        unknown = sorted(set(item) - _KEYS)
         if unknown:
-            raise MixtureError(f"{where}: unknown key(s) {sorted(unknown)}; keys: {', '.join(sorted(_KEYS))}")
+            raise MixtureError(str(unknown_key(where, unknown[0], sorted(_KEYS))))
         if not isinstance(item.get("path"), str) or not item["path"]:
             raise MixtureError(f"{where}: needs a `path` (annotation file)")
         ratio, order = item.get("ratio"), item.get("order")

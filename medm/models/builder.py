@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from medm.config import ConfigError, arg, from_dict, to_dict
+from medm.config import ConfigError, arg, from_dict, to_dict, unknown_key
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
 from medm.models._hub import require_available
 from medm.models.checkpoint import (  # noqa: F401  (their old home; medm.models.checkpoint is theirs now)
@@ -98,8 +98,7 @@ def check_medm_args(args: ModelArgs, cfg: dict[str, Any], where: str) -> None:
         valid = ["name"] + [p for p in inspect.signature(cls.__init__).parameters if p not in skip]
         unknown = [k for k in section if k not in valid]
         if unknown:
-            raise ConfigError(f"{where}.{slot}: unknown key {unknown[0]!r} for {section['name']!r}; "
-                              f"valid keys: {', '.join(valid)}")
+            raise unknown_key(f"{where}.{slot}", unknown[0], valid, of=f" for {section['name']!r}")
     for slot, pair in (("vision", "connector"), ("vision3d", "connector3d")):
         if (getattr(args, slot) is None) != (getattr(args, pair) is None):
             raise ConfigError(f"{where}: `{slot}` and `{pair}` come together: set both or neither")

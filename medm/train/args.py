@@ -14,9 +14,19 @@ from typing import Any
 from transformers import SchedulerType
 from transformers.training_args import OptimizerNames
 
-from medm.config import ConfigError, apply_overrides, arg, from_dict, load_yaml, model_file, model_section
+from medm.config import (
+    ConfigError,
+    apply_overrides,
+    arg,
+    from_dict,
+    load_yaml,
+    model_file,
+    model_section,
+    unknown_key,
+)
 from medm.data.dataset import DataArgs
 from medm.models import ModelArgs, parse_model_args
+from medm.train._training_arguments import TrainingArgumentsFields
 
 
 @dataclass
@@ -52,8 +62,9 @@ class StagePlan:
 
 
 @dataclass
-class TrainArgs:
-    """The subset of transformers' TrainingArguments medm exposes, plus medm's own settings."""
+class TrainArgs(TrainingArgumentsFields):
+    """medm's training settings; every other field of transformers' TrainingArguments passes through to the Trainer
+    with its own type and default (medm.train._training_arguments), except those medm sets itself."""
 
     output_dir: str | None = arg(None, "where checkpoints, metrics.jsonl, TensorBoard logs and loss.png go")
     num_train_epochs: float = arg(1.0, "passes over the data (ignored when max_steps > 0)")
@@ -76,6 +87,7 @@ class TrainArgs:
     fp16: bool = arg(False, "float16 mixed precision (CUDA only)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass to save memory")
     logging_steps: float = arg(10, "log every N steps (or a fraction of all steps when < 1)")
+    logging_first_step: bool = arg(True, "also log the first step (the loss curves start at step 1)")
     save_strategy: str = arg("steps", "when to write checkpoint-N directories: steps, epoch, no",
                              choices=("steps", "epoch", "no"))
     save_steps: float = arg(500, "checkpoint every N steps (save_strategy: steps)")
@@ -146,7 +158,7 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
     cfg = dict(cfg)
     unknown = [k for k in cfg if k not in ("model", "data", "stage", "train")]
     if unknown:
-        raise ConfigError(f"{where}: unknown section {unknown[0]!r}; valid sections: model, data, stage, train")
+        raise unknown_key(where, unknown[0], ("model", "data", "stage", "train"), "section", sep=": ")
     model, model_where = model_section(cfg, where)
     stage = from_dict(StagePlan, cfg.get("stage"), f"{where}: stage")
     train = from_dict(TrainArgs, cfg.get("train"), f"{where}: train")

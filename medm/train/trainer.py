@@ -35,6 +35,7 @@ from medm.train._medm_trainer import (  # noqa: F401  (importable from here too)
     NoGradCheck,
 )
 from medm.train._qlora import qlora_load_config
+from medm.train._training_arguments import passthrough
 from medm.train.args import TrainArgs, TrainConfig, eval_strategy, has_validation
 from medm.train.metrics import MetricsJsonl, ModelCardCallback, plot_loss
 from medm.train.safety import (
@@ -93,7 +94,15 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
         evaluation: the resolved eval strategy (medm.train.args.eval_strategy): steps, epoch or no.
     """
     num_workers = default_num_workers(device) if train.dataloader_num_workers is None else train.dataloader_num_workers
+    # Every TrainingArguments field medm does not set from its own settings, as the config gives it (or its default).
+    given = passthrough(train)
+    # A launched CPU run (torchrun, deepspeed, or our single-process DeepSpeed env) talks over gloo.
+    if given["ddp_backend"] is None and device == "cpu" and "LOCAL_RANK" in os.environ:
+        given["ddp_backend"] = "gloo"
+    if given["ddp_find_unused_parameters"] is None:
+        given["ddp_find_unused_parameters"] = find_unused_parameters
     return TrainingArguments(
+        **given,
         output_dir=train.output_dir, num_train_epochs=train.num_train_epochs, max_steps=train.max_steps,
         per_device_train_batch_size=train.per_device_train_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
@@ -103,19 +112,18 @@ def training_arguments(train: TrainArgs, device: str, find_unused_parameters: bo
         max_grad_norm=train.max_grad_norm, bf16=train.bf16, fp16=train.fp16,
         # transformers 5 checkpoints non-reentrantly, so gradients reach a connector through frozen LLM layers.
         activation_checkpointing=train.gradient_checkpointing,
-        logging_steps=train.logging_steps, logging_first_step=True, save_strategy=train.save_strategy,
-        save_steps=train.save_steps, save_total_limit=train.save_total_limit, seed=train.seed,
+        logging_steps=train.logging_steps, logging_first_step=train.logging_first_step,
+        save_strategy=train.save_strategy, save_steps=train.save_steps, save_total_limit=train.save_total_limit,
+        seed=train.seed,
         dataloader_num_workers=num_workers, dataloader_prefetch_factor=train.dataloader_prefetch_factor if
         num_workers else None, dataloader_persistent_workers=train.dataloader_persistent_workers and num_workers > 0,
         dataloader_pin_memory=train.dataloader_pin_memory and device == "cuda",
         # medm's strategies are MedMTrainer._get_train_sampler's; the Trainer itself only sees sequential / random.
         train_sampling_strategy="sequential" if train.train_sampling_strategy == "sequential" else "random",
         deepspeed=train.deepspeed, use_cpu=device == "cpu",
-        # A launched CPU run (torchrun, deepspeed, or our single-process DeepSpeed env) talks over gloo.
-        ddp_backend="gloo" if device == "cpu" and "LOCAL_RANK" in os.environ else None,
         report_to=[r for r in train.report_to if r != "tensorboard"] or "none", disable_tqdm=train.disable_tqdm,
         # The collator builds exactly the model's inputs; the Trainer must neither drop nor guess columns.
-        remove_unused_columns=False, label_names=["labels"], ddp_find_unused_parameters=find_unused_parameters,
+        remove_unused_columns=False, label_names=["labels"],
         # Validation: the loss only (no logits gathered over the whole validation set).
         eval_strategy=evaluation, eval_steps=train.eval_steps or None, prediction_loss_only=True,
         per_device_eval_batch_size=train.per_device_eval_batch_size or train.per_device_train_batch_size,
@@ -306,8 +314,10 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         if eval_dataset is None and args.eval_strategy != "no":
             eval_dataset = build_validation_data(cfg, model, tokenizer)
     encoder_trains = any(modes[e].name in ("full", "partial") for e in ENCODERS if e in modes)
-    # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them.
-    args.ddp_find_unused_parameters = True if encoder_trains else None
+    # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them (unless the
+    # config says otherwise).
+    if train.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = True if encoder_trains else None
     # ModelCardCallback writes README.md into every checkpoint-N and into output_dir (medm.train.metrics).
     cbs = [MetricsJsonl(out, fresh=not resume), NoGradCheck(), ModelCardCallback(cfg), *(callbacks or [])]
     if "tensorboard" in train.report_to:

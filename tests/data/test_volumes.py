@@ -224,7 +224,7 @@ def test_bad_settings_name_the_field():
                        ({"percentiles": [50, 10]}, "volume.percentiles")):
         with pytest.raises(ValueError, match=match):
             VolumeArgs(**bad)
-    with pytest.raises(ValueError, match="unknown key 'windw'"):
+    with pytest.raises(ValueError, match="windw: unknown key; did you mean window?"):
         VolumePreprocess({"windw": [0, 100]}, (4, 4, 4))
     with pytest.raises(ValueError, match="volume.rot90_prob: in-plane rotation needs a square"):
         VolumePreprocess({"augment": True}, (4, 8, 6))

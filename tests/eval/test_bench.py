@@ -174,7 +174,7 @@ def test_suite_errors_name_the_file_and_key(tmp_path, capsys):
     assert "bad.yaml: task 'a': unknown eval task 'nosuch'" in capsys.readouterr().err
     bad.write_text("tasks:\n  - {name: a, task: vqa, data: x.json, split: test}\n")
     assert main(["bench", "--suite", str(bad), "--model", "m"]) == 2
-    assert "tasks[0]: unknown key 'split'" in capsys.readouterr().err
+    assert "tasks[0].split: unknown key; did you mean limit?" in capsys.readouterr().err
     assert main(["bench", "--suite", "nosuch", "--model", "m"]) == 2
     assert "no bench suite 'nosuch'" in (err := capsys.readouterr().err) and "radiology-vqa" in err
 

@@ -352,11 +352,12 @@ def test_every_registered_connector_has_a_tiny_preset():
 
 def test_yaml_keys_are_the_constructor_arguments():
     cfg = tiny_model_config(connector={"name": "spatial_pool", "pool": "max", "stride": [2, 2], "bogus": 1})
-    with pytest.raises(ConfigError, match=r"unknown key 'bogus' for 'spatial_pool'; valid keys: name, pool, "
+    with pytest.raises(ConfigError, match=r"connector.bogus: unknown key for 'spatial_pool'; valid keys: name, pool, "
                                           r"stride, mlp_type, prefix, uneven"):
         parse_model_args(cfg)
     cfg = tiny_model_config(connector={"name": "attention_pool", "heads": 2})
-    with pytest.raises(ConfigError, match=r"valid keys: name, num_queries, num_heads, mlp_type, layout, width"):
+    with pytest.raises(ConfigError, match=r"connector.heads: unknown key for 'attention_pool'; did you mean "
+                                          r"num_heads\?"):
         parse_model_args(cfg)
 
 

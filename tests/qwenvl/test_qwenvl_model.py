@@ -52,7 +52,7 @@ def test_the_tiny_yamls_are_the_tiny_presets():
     ({"kind": "qwen-vl"}, r"configured in the `qwenvl` section only; add it"),
     ({"kind": "qwen-vl", "llm": {"family": "qwen2"}, "qwenvl": {}}, r"remove `llm`"),
     ({"kind": "qwen-vl", "qwenvl": {"path": "x", "box_format": "json_resized", "pth": 1}},
-     r"model.qwenvl: unknown key 'pth'"),
+     r"model.qwenvl.pth: unknown key; did you mean path\?"),
     ({"kind": "qwen-vl", "qwenvl": {"path": "x"}}, r"model.qwenvl.box_format: None; set one of: tokens1000"),
     ({"kind": "qwen-vl", "qwenvl": {"path": "x", "config": {}, "box_format": "json1000"}}, r"exactly one of `path`"),
     ({"kind": "qwen-vl", "qwenvl": {"config": {"model_type": "llava"}, "tiny_processor": True,

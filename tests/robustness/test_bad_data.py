@@ -226,15 +226,16 @@ def _train_yaml(tmp_path, data_path, **sections) -> Path:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lerning_rate=1e-4", "train: unknown key 'lerning_rate'; valid keys: output_dir, num_train_epochs"),
-    ("stage.visoin=full", "stage: unknown key 'visoin'"),
-    ("data.image_dirs=x", "data: unknown key 'image_dirs'"),
-    ("model.vision.name=clipp", "model.vision.name: unknown vision encoder 'clipp'; known: clip, hf, open_clip"),
+    ("train.lerning_rate=1e-4", "train.lerning_rate: unknown key; did you mean learning_rate?"),
+    ("stage.visoin=full", "stage.visoin: unknown key; did you mean vision?"),
+    ("data.image_dirs=x", "data.image_dirs: unknown key; did you mean image_dir?"),
+    ("model.vision.name=clipp",
+     "model.vision.name: unknown vision encoder 'clipp'; did you mean clip? known: clip, hf, open_clip"),
     ("model.connector.name=nope", "model.connector.name: unknown connector 'nope'; known: attention_pool, mlp"),
     ("model.llm.family=gpt9", "model.llm.family: unknown LLM family 'gpt9'; known: auto, llama"),
     ("model.template=chatmll", "model.template: unknown chat template 'chatmll'"),
-    ("model.vision.image_size_px=32", "model.vision: unknown key 'image_size_px' for 'clip'"),
-    ("trainer.max_steps=3", "unknown section 'trainer'; valid sections: model, data, stage, train"),
+    ("model.vision.image_size_px=32", "model.vision.image_size_px: unknown key for 'clip'; did you mean image_std?"),
+    ("trainer.max_steps=3", "trainer: unknown section; did you mean train?"),
 ])
 def test_config_errors_name_the_key_through_medm_train(override, message, tmp_path, toy_data, capsys):
     """`medm train` exits 2 with one line naming the bad key / component before building anything."""

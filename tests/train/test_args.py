@@ -60,10 +60,11 @@ def test_shipped_configs_read_from_any_working_directory(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cfg,message", [
-    ({"model": {}, "train": {"output_dir": "x"}, "trian": {}}, r"unknown section 'trian'"),
-    ({"model": {}, "train": {"output_dir": "x", "lr": 1}}, r"train: unknown key 'lr'; valid keys: output_dir"),
+    ({"model": {}, "train": {"output_dir": "x"}, "trian": {}},
+     r"train config: trian: unknown section; did you mean train\?"),
+    ({"model": {}, "train": {"output_dir": "x", "lr": 1}}, r"train.lr: unknown key; valid keys: output_dir"),
     ({"model": {}, "stage": {"llm": "lora", "lora": {"rank": 4}}, "train": {"output_dir": "x"}},
-     r"stage.lora: unknown key 'rank'"),
+     r"stage.lora.rank: unknown key; valid keys: r, alpha"),
     ({"model": {}, "train": {}}, r"train.output_dir is required"),
     ({"train": {"output_dir": "x"}}, r"`model` is required"),
     ({"model": "nowhere.yaml", "train": {"output_dir": "x"}}, r"model file 'nowhere.yaml' not found"),
