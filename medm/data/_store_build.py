@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medm.data._encoded import EncodingLog
-from medm.data.annotations import AnnotationError, RecordError, iter_file
+from medm.data.annotations import AnnotationError, RecordError
 from medm.data.store import (
     BAD_MEDIA,
     DROPPED,
@@ -26,6 +26,7 @@ from medm.data.store import (
     record_from_json,
     record_to_json,
 )
+from medm.data.streaming import read_shard
 from medm.data.templates import TemplateError
 
 logger = logging.getLogger("medm.data.store")
@@ -74,19 +75,20 @@ def _write_records(files: list[str], out: str) -> int:
                 for v in cols.values():
                     v.clear()
 
-        for source, path in enumerate(files):
-            for _, rec in iter_file(path, for_training=True):
-                if isinstance(rec, RecordError):
-                    errors.append(rec)
-                    continue
-                cols["id"].append(rec.id)
-                cols["source"].append(source)
-                cols["record"].append(record_to_json(rec))
-                cols["image"].append(rec.image)
-                cols["image3d"].append(rec.image3d)
-                n += 1
-                if len(cols["id"]) >= _CHUNK:
-                    flush()
+        source = {path: i for i, path in enumerate(files)}
+        # UTF-8 JSONL is read line by line (medm.data.streaming), a JSON list whole: `_CHUNK` records in memory.
+        for _, path, rec in read_shard(files):
+            if isinstance(rec, RecordError):
+                errors.append(rec)
+                continue
+            cols["id"].append(rec.id)
+            cols["source"].append(source[path])
+            cols["record"].append(record_to_json(rec))
+            cols["image"].append(rec.image)
+            cols["image3d"].append(rec.image3d)
+            n += 1
+            if len(cols["id"]) >= _CHUNK:
+                flush()
         flush()
     if errors:
         shown = "\n  ".join(str(e) for e in errors[:20])

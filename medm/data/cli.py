@@ -5,6 +5,7 @@ run a registered data builder, and split a file into train / dev by group.
     medm data convert --to sharegpt train.json train_sharegpt.json
     medm data build vqa-rad --out data/vqa_rad --src ../shared/data/vqa_rad
     medm data split labels.json --out data/spine --dev-ratio 0.2 --seed 0
+    medm data prepare configs/train/finetune.yaml data.cache_dir=/shared/medm-cache data.num_proc=16
 """
 
 from __future__ import annotations
@@ -237,6 +238,27 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from medm.config import ConfigError
+    from medm.data._prepare import prepare  # defers torch, transformers, datasets
+    from medm.data.templates import TemplateError
+    from medm.train.args import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        stores = prepare(cfg)
+    except (ConfigError, AnnotationError, TemplateError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s in stores:
+        how = f"built in {s['build_seconds']} s by {s['num_proc']} process(es)" if s["built"] else "already built"
+        print(f"{s['path']}: {s['samples']} samples of {s['records']} records ({s['dropped']} dropped, "
+              f"{s['bad_media']} with unreadable media), {s['size_mb']} MB, {how}; from {', '.join(s['files'])}")
+    if stores:
+        print(f"cache dir: {os.path.dirname(stores[0]['path'])} (data.cache_dir; point every node's job at it)")
+    return 0
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add `medm data validate | convert | build | split`."""
     p = subparsers.add_parser("data", help="check and convert conversation annotation files")
@@ -265,6 +287,16 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("name", help="builder name, e.g. phantoms, vqa-rad")
     b.add_argument("options", nargs=argparse.REMAINDER, help="--out DIR and other --option value pairs")
     b.set_defaults(func=_cmd_build)
+    pr = sub.add_parser("prepare", help="tokenize a training config's records into the record store cache",
+                        description="Build the memory-mapped record stores (medm.data.store) that `medm train CONFIG` "
+                                    "would open: training files, mixture entries and validation records, tokenized "
+                                    "by data.num_proc processes (default: every core) into data.cache_dir. Run it "
+                                    "once on one machine with data.cache_dir on a shared disk; every rank and node "
+                                    "of the job then opens the same files.")
+    pr.add_argument("config", help="train YAML")
+    pr.add_argument("overrides", nargs="*", help="key=value overrides, as for medm train (e.g. data.num_proc=16 "
+                                                  "data.cache_dir=/shared/medm-cache)")
+    pr.set_defaults(func=_cmd_prepare)
     s = sub.add_parser("split", help="split a file into train / dev by group (study, image), deterministic per seed",
                        description="Items sharing the --by value go to the same side; groups are shuffled with "
                                    "--seed and round(dev-ratio * groups) go to dev. Writes OUT/train.json and "

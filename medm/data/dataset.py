@@ -246,10 +246,10 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
         return [s.length for s in self.samples]
 
     @property
-    def modalities(self) -> list[str] | np.ndarray:
+    def modalities(self) -> list[str]:
         """Per sample: `image3d` (has volumes), `image` (has 2D images) or `text`."""
         if isinstance(self.samples, SampleStore):
-            return modalities(self.samples)
+            return store_modalities(self.samples)
         return ["image3d" if s.n_volumes else "image" if s.n_images else "text" for s in self.samples]
 
     def record(self, i: int) -> Record:
@@ -293,9 +293,13 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
                             for p in record.image3d[:n]])
 
 
-def modalities(store: SampleStore) -> np.ndarray:
-    """(N,) str array: `image3d`, `image` or `text` per sample of a store."""
-    return np.where(store.n_volumes > 0, "image3d", np.where(store.n_images > 0, "image", "text"))
+_MODALITIES = np.array(["text", "image", "image3d"], dtype=object)
+
+
+def store_modalities(store: SampleStore) -> list[str]:
+    """`image3d`, `image` or `text` per sample of a store: one pointer per sample to three shared strings."""
+    codes = np.where(store.n_volumes > 0, 2, np.where(store.n_images > 0, 1, 0))
+    return _MODALITIES[codes].tolist()
 
 
 def annotation_files(path: str | list) -> list[str]:

@@ -34,7 +34,14 @@ from medm.data._bad_samples import BadSamples, SkipsBadSamples
 from medm.data._encoded import EncodingLog
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record, load_records, resolve_path
 from medm.data.collator import DataCollator
-from medm.data.dataset import annotation_files, first_with_files, require_samples, streaming_dataset, use_store
+from medm.data.dataset import (
+    annotation_files,
+    first_with_files,
+    require_samples,
+    store_modalities,
+    streaming_dataset,
+    use_store,
+)
 from medm.data.images import ImageLoadError, is_dicom, load_image
 from medm.data.store import SampleStore, open_store
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError
@@ -363,9 +370,9 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
         return [s.length for s in self.samples]
 
     @property
-    def modalities(self) -> list[str] | np.ndarray:
+    def modalities(self) -> list[str]:
         if isinstance(self.samples, SampleStore):
-            return np.where(self.samples.n_images > 0, "image", "text")
+            return store_modalities(self.samples)  # no volumes here: image or text
         return ["image" if s.n_images else "text" for s in self.samples]
 
     def record(self, i: int) -> Record:

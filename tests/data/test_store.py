@@ -236,7 +236,7 @@ def test_dataloader_workers_and_copies_read_the_mapping(tok, tmp_path):
     memory, arrow = _datasets(path, tok)
     copy = pickle.loads(pickle.dumps(arrow.samples))  # what a spawned worker gets: the path, not the table
     assert len(pickle.dumps(arrow.samples)) < 2000 and [s.ids for s in copy] == [s.ids for s in arrow.samples]
-    text_only = arrow.samples.subset(np.flatnonzero(arrow.modalities == "text"))
+    text_only = arrow.samples.subset(np.flatnonzero(np.asarray(arrow.modalities) == "text"))
     ds = ConversationDataset(text_only, tok, **TEXT)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     got = [item["input_ids"].tolist() for item in loader]
@@ -277,3 +277,33 @@ def test_validation_split_and_mixture_on_the_store(tmp_path):
     assert isinstance(val.samples, SampleStore) and len(val) == 4
     # The same file in the mixture and as val_path is one store: built once.
     assert val.samples.path == dataset.datasets[1].samples.path and not val.samples.built
+
+
+def test_prepare_builds_the_stores_a_training_run_opens(tmp_path, capsys):
+    import yaml
+
+    from medm.cli import main
+    from medm.models.tiny import tiny_model_config
+    from medm.train.args import load_train_config
+    from medm.train.trainer import build_training_inputs
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    raw = [{"id": f"r{i}", "image": ["a.png"], "conversations": _turns((f"Question {i}?", "Yes."))} for i in range(6)]
+    path = _write(tmp_path / "train.jsonl", raw)
+    val = _write(tmp_path / "val.jsonl", raw[:2])
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": tiny_model_config(), "train": {"output_dir": str(tmp_path / "run")},
+                                      "data": {"path": path, "image_dir": str(tmp_path), "val_path": val}}))
+    shared = tmp_path / "shared-cache"
+    assert main(["data", "prepare", str(config), f"data.cache_dir={shared}", "data.num_proc=1"]) == 0
+    out = capsys.readouterr().out
+    assert "6 samples of 6 records" in out and "2 samples of 2 records" in out and f"cache dir: {shared}" in out
+    assert len([p for p in shared.iterdir() if p.is_dir()]) == 2
+    # A run pointed at the same cache opens what prepare built.
+    cfg = load_train_config(str(config), [f"data.cache_dir={shared}"])
+    torch.manual_seed(0)
+    model, tok = build_model(cfg.model)
+    dataset, _, _ = build_training_inputs(cfg, model, tok)
+    assert not dataset.samples.built and Path(dataset.samples.path).parent == shared
+    assert main(["data", "prepare", str(config), "data.store=memory"]) == 2
+    assert "data.store: arrow" in capsys.readouterr().err
