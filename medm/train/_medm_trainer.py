@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from medm.config import ConfigError
 from medm.data._bad_samples import bad_sample_count
 from medm.data.sampler import GroupedSampler
+from medm.data.streaming import own_shards
 from medm.models.checkpoint import (
     load_components,
     read_meta,
@@ -111,6 +112,10 @@ class MedMTrainer(Trainer):
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def get_train_dataloader(self):
+        # A streaming dataset shards by rank itself: Accelerate's re-sharding wrapper passes it through.
+        return own_shards(super().get_train_dataloader())
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -25,6 +25,7 @@ from medm.config import (
     unknown_key,
 )
 from medm.data.dataset import DataArgs
+from medm.data.streaming import check_streaming
 from medm.models import ModelArgs, parse_model_args
 from medm.train._training_arguments import TrainingArgumentsFields
 
@@ -170,6 +171,7 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
     if cfg.get("data") is not None:
         data = from_dict(DataArgs, cfg["data"], f"{where}: data")  # a misspelt key fails here, before any model
         _check_validation(data, train, where)
+        check_streaming(data, train, where)
     return TrainConfig(model=parse_model_args(model, model_where), data=cfg.get("data"), stage=stage, train=train)
 
 

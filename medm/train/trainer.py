@@ -217,7 +217,8 @@ def build_validation_data(cfg: TrainConfig, model, tokenizer):
     if not has_validation(data):
         return None
     if data.val_path:
-        val = build_dataset(dataclasses.replace(data, path=data.val_path), model, tokenizer)
+        # Validation records are few and evaluated whole: never streamed, even with data.streaming.
+        val = build_dataset(dataclasses.replace(data, path=data.val_path, streaming=False), model, tokenizer)
     else:
         val = split_validation(build_dataset(data, model, tokenizer), data.val_size, data.val_seed)[1]
     if data.packing:
@@ -313,6 +314,10 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         dataset, collator, sampler = build_training_inputs(cfg, model, tokenizer)
         if eval_dataset is None and args.eval_strategy != "no":
             eval_dataset = build_validation_data(cfg, model, tokenizer)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # Each rank reads its own batches (medm.data.streaming.own_shards): dispatching them from rank 0 would read
+        # everything on one rank and cannot split a batch whose ranks hold different media (None pixel values).
+        args.accelerator_config.dispatch_batches = False
     encoder_trains = any(modes[e].name in ("full", "partial") for e in ENCODERS if e in modes)
     # A trained encoder may hold blocks past its selected layer (no gradient): DDP must look for them (unless the
     # config says otherwise).
