@@ -157,6 +157,18 @@ class MedMTrainer(Trainer):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+            # The checkpoint already holds every step: the Trainer would start the epoch loop and train one more
+            # before its stop check. No epoch is left to run; the run just ends (and saves) with these weights.
+            logger.info("%s is at step %d of %d: nothing left to train", resume_from_checkpoint,
+                        self.state.global_step, max_steps)
+            return num_train_epochs, 0
+        return epochs_trained, steps_in_epoch
+
     def _load_best_model(self) -> None:
         # load_best_model_at_end: a components checkpoint holds only the trained parts, which the Trainer does
         # not recognise as weights.

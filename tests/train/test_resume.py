@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from train_helpers import RecordStart, make_cfg
 
 from medm.config import ConfigError
@@ -43,3 +44,23 @@ def test_bad_run_settings_fail_before_training(tmp_path, toy_data):
         run_training(make_cfg(tmp_path / "x", toy_data, resume_from_checkpoint=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match="train.fp16: float16 mixed precision needs a CUDA GPU"):
         run_training(make_cfg(tmp_path / "y", toy_data, fp16=True))
+
+
+@pytest.mark.parametrize("resume", ["checkpoint", "true"])
+def test_resuming_a_finished_run_trains_no_extra_step(resume, tmp_path, toy_data):
+    """A requeued job whose run already reached max_steps (checkpoint-2 of 2 steps; 4 steps per epoch, so the
+    Trainer's epoch loop would go on) ends at once with the checkpoint's weights."""
+    out = tmp_path / "run"
+    common = dict(max_steps=2, save_strategy="steps", save_steps=2)
+    run_training(make_cfg(out, toy_data, **common))
+    ckpt = out / "checkpoint-2"
+    again = run_training(make_cfg(out, toy_data, resume_from_checkpoint=str(ckpt) if resume == "checkpoint" else True,
+                                  **common))
+    assert again.state.global_step == 2
+    assert [h["step"] for h in again.state.log_history if "loss" in h] == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    saved = load_file(ckpt / "model.safetensors")
+    state = again.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    final = load_file(out / "model.safetensors")
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], v) for k, v in saved.items())
