@@ -45,11 +45,6 @@ def demo_data(variant: str):
     return build_phantoms, KINDS
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _norm(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
 
@@ -77,8 +72,7 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
              n_train: int = 4000, n_test: int = 200, seed: int = 0, kind: str = "medm",
              threads: int | None = None) -> dict:
     """Build the data, train the stages of `kind` (see `DEMOS`), evaluate, and write `out/results.json`."""
-    import torch  # defers torch
-
+    from medm._threads import pick_threads  # defers torch, transformers
     from medm.infer import GenerationSettings, Predictor  # defers torch, transformers
     from medm.train.args import load_train_config  # defers torch, transformers
     from medm.train.trainer import run_training  # defers torch, transformers
@@ -87,12 +81,16 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
         raise ValueError(f"unknown demo kind {kind!r}; known: {', '.join(DEMOS)}")
     stages, default_out = DEMOS[kind]
     out = out or default_out
-    # All cores by default: a 2D demo step takes 0.21 s on 2 idle cores and 0.33 s on one. On cores that other work
-    # keeps busy, OpenMP's spin-waiting makes more threads far slower (3.6 s vs 0.47 s a step): --threads 1 there.
-    torch.set_num_threads(threads or available_cores())
     data = os.path.join(out, "data")
     build, kinds = demo_data(kind)
     paths = build(data, n_train=n_train, n_test=n_test, seed=seed)
+    # A 2D demo step takes 0.21 s on 2 idle cores and 0.33 s on one, but on cores that other work keeps busy
+    # OpenMP's spin-waiting makes more threads far slower (3.6 s vs 0.47 s): unless --threads says, time a few steps
+    # of the last (longest) stage with 1 thread and with every core, and keep the faster.
+    last_yaml, last_file, _ = stages[-1]
+    choice = pick_threads(threads, lambda: load_train_config(str(CONFIGS / f"{last_yaml}.yaml"), [
+        f"data.path={paths[last_file]}", f"data.image_dir={data}", f"train.seed={seed}"]))
+    print(f"threads: {choice.describe()}", flush=True)
     t0 = time.time()
     previous = None
     for number, (yaml_name, data_file, sub) in enumerate(stages, 1):
@@ -119,7 +117,8 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
         "per_kind": {k: {"n": counts[k], "accuracy": acc.get(k), "majority_baseline": majority.get(k),
                          "blanked_accuracy": blanked.get(k)} for k in kinds if counts[k]},
         "n_test": len(test), "train_seconds": round(train_seconds, 1),
-        "checkpoint": os.path.abspath(f"{out}/finetune"),
+        "checkpoint": os.path.abspath(f"{out}/finetune"), "threads": choice.threads,
+        "threads_choice": choice.describe(),
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -141,7 +140,9 @@ def print_table(results: dict, out: str) -> None:
     print(f"{'kind':<10} {'n':>5} {'accuracy':>9} {'majority':>9} {'blank img':>10}")
     for k, n, a, m, b in rows:
         print(f"{k:<10} {n:>5} {a:>9.3f} {m:>9.3f} {b:>10.3f}")
-    print(f"\ncheckpoint: {results['checkpoint']}\nfigures:    {os.path.join(out, 'results.json')}")
+    if "threads_choice" in results:
+        print(f"\nthreads:    {results['threads_choice']}")
+    print(f"checkpoint: {results['checkpoint']}\nfigures:    {os.path.join(out, 'results.json')}")
     print(f"open it:    python playground.py --model {results['checkpoint']}")
 
 
@@ -167,6 +168,6 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--n-train", type=int, default=4000, help="training images (about 3 questions each)")
     p.add_argument("--n-test", type=int, default=200, help="held-out images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: every core this process "
-                                                              "may use. Use 1 when other jobs keep the cores busy")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: measured, the faster of "
+                                                              "1 and every core this process may use")
     p.set_defaults(func=_cmd_demo)

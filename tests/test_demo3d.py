@@ -19,7 +19,7 @@ from medm.train.checkpoint import load_trained
 
 # The 2D demo's results.json keys.
 RESULT_KEYS = {"accuracy", "majority_baseline", "blanked_accuracy", "per_kind", "n_test", "train_seconds",
-               "checkpoint"}
+               "checkpoint", "threads", "threads_choice"}
 
 
 def test_3d_flag_selects_the_3d_demo():

@@ -19,7 +19,7 @@ from medm.train.checkpoint import load_trained, read_meta
 SLOW = pytest.mark.skipif(os.environ.get("MEDM_QWENVL_SLOW") != "1",
                           reason="minutes on the CPU; MEDM_QWENVL_SLOW=1 runs it")
 RESULT_KEYS = {"accuracy", "majority_baseline", "blanked_accuracy", "per_kind", "n_test", "train_seconds",
-               "checkpoint"}
+               "checkpoint", "threads", "threads_choice"}
 
 
 def test_demo_smoke(tmp_path, monkeypatch):
