@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from typing import Any
 
@@ -218,7 +219,7 @@ def build_or_open(files: list[str], encoder, *, cache_dir: str, num_proc: int | 
             logger.info("record store: waiting for another process building %s", final)
         with lock:
             if not os.path.isfile(os.path.join(final, META)):  # nobody built it while we waited
-                tmp = f"{final}.tmp-{os.getpid()}"
+                tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
                 logger.info("record store: cache miss, building %s from %s", final, ", ".join(files))
                 try:
