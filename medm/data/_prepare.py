@@ -6,11 +6,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from medm.config import ConfigError, from_dict
+from medm.data.dataset import DataArgs
+from medm.data.store import SampleStore
+from medm.models import build_model
+from medm.train.args import has_validation
+from medm.train.trainer import build_training_inputs, build_validation_data
+
 
 def _stores(dataset) -> list:
     """The `SampleStore`s behind a training or validation dataset (a mixture's, a packed dataset's, a split's)."""
-    from medm.data.store import SampleStore
-
     if dataset is None:
         return []
     samples = getattr(dataset, "samples", None)
@@ -29,12 +34,6 @@ def prepare(cfg) -> list[dict[str, Any]]:
     Raises:
         ConfigError: `data.store: memory` or `data.streaming`, where there is nothing to prepare.
     """
-    from medm.config import ConfigError, from_dict
-    from medm.data.dataset import DataArgs
-    from medm.models import build_model
-    from medm.train.args import has_validation
-    from medm.train.trainer import build_training_inputs, build_validation_data
-
     data = from_dict(DataArgs, cfg.data or {}, "data")
     if data.store != "arrow" or getattr(data, "streaming", False):
         raise ConfigError("medm data prepare builds the record store of data.store: arrow; this config reads its "

@@ -1,8 +1,9 @@
-"""Building a `SampleStore` (medm.data.store): fingerprint, lock, records to Arrow, encoding by `num_proc` workers,
-atomic rename into the cache; opening it reports what the build found as the in-memory path does."""
+"""Building a record store (medm.data.store): fingerprint, lock, records to Arrow, encoding by `num_proc` workers,
+atomic rename into the cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,28 +14,30 @@ import time
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
-from medm.data._encoded import EncodingLog
-from medm.data.annotations import AnnotationError, RecordError
-from medm.data.store import (
-    BAD_MEDIA,
-    DROPPED,
-    FAILED,
-    META,
-    OK,
-    STORE_VERSION,
-    SampleStore,
-    record_from_json,
-    record_to_json,
-)
+from medm.data.annotations import AnnotationError, Record, RecordError
 from medm.data.streaming import read_shard
 from medm.data.templates import TemplateError
 
 logger = logging.getLogger("medm.data.store")
 
+STORE_VERSION = 1
+# Per-row status in the `status` column.
+OK, FAILED, DROPPED, BAD_MEDIA = 0, 1, 2, 3
+META = "meta.json"
+
 _CHUNK = 10_000  # records per Arrow batch while reading the annotation files
 _MIN_PER_PROC = 500  # with num_proc unset, a worker per this many records at least (processes cost ~1 s to start)
 _MAX_ERRORS = 1000  # encoding errors kept in meta.json (the count is always exact)
+
+
+def record_to_json(record: Record) -> str:
+    return json.dumps(dataclasses.asdict(record), ensure_ascii=False)
+
+
+def record_from_json(text: str) -> Record:
+    return Record(**json.loads(text))
 
 
 def cpu_count() -> int:
@@ -60,7 +63,7 @@ def _write_records(files: list[str], out: str) -> int:
     Raises:
         AnnotationError: bad records, listed as `load_records` lists them.
     """
-    import pyarrow as pa
+    import pyarrow as pa  # defers pyarrow
 
     schema = pa.schema([("id", pa.string()), ("source", pa.int32()), ("record", pa.string()),
                         ("image", pa.list_(pa.string())), ("image3d", pa.list_(pa.string()))])
@@ -132,7 +135,7 @@ class _EncodeBatch:
 
 
 def _features(encoder, base):
-    from datasets import Features, List, Value
+    from datasets import Features, List, Value  # defers datasets
 
     feats = dict(base)
     feats.update(status=Value("int8"), error=Value("string"), ids=List(Value("int32")), labels=List(Value("int32")),
@@ -142,7 +145,7 @@ def _features(encoder, base):
 
 def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc: int | None) -> None:
     """Build the store of `files` into the directory `where` (which must not exist)."""
-    from datasets import Dataset
+    from datasets import Dataset  # defers datasets
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
     start = time.perf_counter()
@@ -186,57 +189,32 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
         json.dump(meta, f, indent=1)
 
 
-def _report(store: SampleStore) -> None:
-    """What the build found, as the in-memory datasets report it: encoding errors raised (every worker's, naming
-    file, record id and reason), dropped records warned about."""
-    meta = store.meta
-    log = EncodingLog()
-    log.errors = [TemplateError(e) for e in meta["errors"]]
-    if meta["num_failed"] > len(log.errors):
-        log.errors += [TemplateError("(not kept)")] * (meta["num_failed"] - len(log.errors))
-    log.num_dropped = meta["num_dropped"]
-    log._dropped_ids = list(meta["dropped_ids"])
-    log.finish(meta["num_records"], meta["max_length"], logger)
-
-
-def build_or_open(files: list[str], encoder, *, cache_dir: str, num_proc: int | None, decode) -> SampleStore:
-    """`medm.data.store.open_store`.
+def build_if_missing(files: list[str], encoder, *, cache_dir: str, num_proc: int | None) -> tuple[str, bool]:
+    """(directory of the store of `files` and `encoder`, whether this process built it).
 
     Raises:
         AnnotationError: a file is missing or holds bad records.
-        TemplateError: records that cannot be encoded exactly (all of them listed, from every worker).
     """
-    from filelock import FileLock
-
     fp, what = fingerprint(files, encoder)
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
     os.makedirs(cache_dir, exist_ok=True)
     final = os.path.join(cache_dir, f"{encoder.kind}-{fp[:24]}")
-    built = False
-    if not os.path.isfile(os.path.join(final, META)):
-        lock = FileLock(final + ".lock")
-        if lock.is_locked:
-            logger.info("record store: waiting for another process building %s", final)
-        with lock:
-            if not os.path.isfile(os.path.join(final, META)):  # nobody built it while we waited
-                tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                logger.info("record store: cache miss, building %s from %s", final, ", ".join(files))
-                try:
-                    _build(files, encoder, tmp, fp, what, num_proc)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                shutil.rmtree(final, ignore_errors=True)  # a directory left without meta.json by a crash
-                os.rename(tmp, final)
-                built = True
-    store = SampleStore(final, decode)
-    store.built = built
-    meta = store.meta
-    if not built:
-        logger.info("record store: cache hit, %d samples of %d records at %s", len(store), meta["num_records"], final)
-    else:
-        logger.info("record store: built %d samples of %d records in %.1f s (%d worker(s)) at %s", len(store),
-                    meta["num_records"], meta["build_seconds"], meta["num_proc"], final)
-    _report(store)
-    return store
+    if os.path.isfile(os.path.join(final, META)):
+        return final, False
+    lock = FileLock(final + ".lock")
+    if lock.is_locked:
+        logger.info("record store: waiting for another process building %s", final)
+    with lock:
+        if os.path.isfile(os.path.join(final, META)):  # built by another process while we waited
+            return final, False
+        tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("record store: cache miss, building %s from %s", final, ", ".join(files))
+        try:
+            _build(files, encoder, tmp, fp, what, num_proc)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(final, ignore_errors=True)  # a directory left without meta.json by a crash
+        os.rename(tmp, final)
+    return final, True

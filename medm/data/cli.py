@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from medm._docstrings import docstring_args
+from medm.config import ConfigError
 from medm.data.annotations import (
     FAILURE_KINDS,
     AnnotationError,
@@ -34,6 +35,7 @@ from medm.data.annotations import (
     write_records,
 )
 from medm.data.split import SplitError, split_file
+from medm.data.templates import TemplateError
 from medm.registry import BUILDER
 
 if TYPE_CHECKING:
@@ -239,10 +241,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from medm.config import ConfigError
-    from medm.data._prepare import prepare  # defers torch, transformers, datasets
-    from medm.data.templates import TemplateError
-    from medm.train.args import load_train_config
+    from medm.data._prepare import prepare  # defers torch, transformers
+    from medm.train.args import load_train_config  # defers torch, transformers
 
     try:
         cfg = load_train_config(args.config, args.overrides)

@@ -23,37 +23,37 @@ max_length), raising `TemplateError` when the record cannot be encoded exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from medm.data._encoded import EncodingLog
+from medm.data._store_build import (
+    BAD_MEDIA,
+    META,
+    OK,
+    STORE_VERSION,
+    build_if_missing,
+    record_from_json,
+    record_to_json,
+)
 from medm.data.annotations import Record
+from medm.data.templates import TemplateError
 
 __all__ = ["STORE_VERSION", "SampleStore", "StoredSample", "default_cache_dir", "open_store", "record_from_json",
            "record_to_json", "tokenizer_fingerprint"]
 
-STORE_VERSION = 1
-# Per-row status in the `status` column.
-OK, FAILED, DROPPED, BAD_MEDIA = 0, 1, 2, 3
-META = "meta.json"
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> str:
     """`$MEDM_CACHE_DIR`, else `~/.cache/medm/records`."""
     return os.environ.get("MEDM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "medm", "records")
-
-
-def record_to_json(record: Record) -> str:
-    return json.dumps(dataclasses.asdict(record), ensure_ascii=False)
-
-
-def record_from_json(text: str) -> Record:
-    return Record(**json.loads(text))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -109,7 +109,7 @@ class SampleStore(Sequence):
 
     def __init__(self, path: str, decode: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  rows: np.ndarray | None = None):
-        from datasets import Dataset, concatenate_datasets
+        from datasets import Dataset, concatenate_datasets  # defers datasets
 
         self.path = path
         self.decode = decode
@@ -190,7 +190,7 @@ class SampleStore(Sequence):
     def first_with_files(self, key: str) -> str | None:
         """Id of the first record listing `image` or `image3d` files, or None: of every record read (dropped ones
         too, as the in-memory datasets check them), or of the samples of a subset."""
-        import pyarrow.compute as pc
+        import pyarrow.compute as pc  # defers pyarrow
 
         counts = pc.list_value_length(self._dataset.data.table.column(key)).to_numpy(zero_copy_only=False)
         rows = self.rows if self.is_subset else np.arange(len(counts))
@@ -204,9 +204,37 @@ class SampleStore(Sequence):
 
 def open_store(files: Sequence[str], encoder, *, cache_dir: str | None = None, num_proc: int | None = None,
                decode: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> SampleStore:
-    """The store of `files` encoded by `encoder`: opened from the cache when its fingerprint is there, else built
-    (by one process; others wait on the lock) and opened. See `medm.data._store_build.open_store`."""
-    from medm.data._store_build import build_or_open
+    """The store of `files` encoded by `encoder`: opened from `cache_dir` when its fingerprint is there, else built
+    there first (by one process; others wait on the lock). What the build found is reported as the in-memory
+    datasets report it: encoding errors raised, dropped records warned about.
 
-    return build_or_open(list(files), encoder, cache_dir=cache_dir or default_cache_dir(), num_proc=num_proc,
-                         decode=decode)
+    Args:
+        files: annotation files, in order.
+        encoder: the kind's encoder (module doc).
+        cache_dir: parent directory of the stores; None: `default_cache_dir()`.
+        num_proc: encoding processes; None: every core, at most one per 500 records.
+        decode: the kind's `StoredSample` attributes from its extra columns (picklable), or None.
+
+    Raises:
+        AnnotationError: a file is missing or holds bad records (listed).
+        TemplateError: records that cannot be encoded exactly (every worker's, naming file, record id and reason).
+    """
+    path, built = build_if_missing(list(files), encoder, cache_dir=cache_dir or default_cache_dir(),
+                                   num_proc=num_proc)
+    store = SampleStore(path, decode)
+    store.built = built
+    meta = store.meta
+    if built:
+        logger.info("record store: built %d samples of %d records in %.1f s (%d worker(s)) at %s", len(store),
+                    meta["num_records"], meta["build_seconds"], meta["num_proc"], path)
+    else:
+        logger.info("record store: cache hit, %d samples of %d records at %s", len(store), meta["num_records"],
+                    path)
+    log = EncodingLog()
+    log.errors = [TemplateError(e) for e in meta["errors"]]
+    if meta["num_failed"] > len(log.errors):
+        log.errors += [TemplateError("(not kept)")] * (meta["num_failed"] - len(log.errors))
+    log.num_dropped = meta["num_dropped"]
+    log._dropped_ids = list(meta["dropped_ids"])
+    log.finish(meta["num_records"], meta["max_length"], logger)
+    return store

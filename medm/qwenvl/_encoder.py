@@ -3,6 +3,7 @@ record store (medm.data.store) alike, so both give the same ids."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -11,7 +12,7 @@ from medm.data.annotations import Record, resolve_path
 from medm.data.images import ImageLoadError
 from medm.data.store import tokenizer_fingerprint
 from medm.data.templates import IGNORE_INDEX
-from medm.qwenvl.data import ImageGeometry, QwenVLInputs, Size, image_size
+from medm.qwenvl._geometry import ImageGeometry, Size, image_size
 
 
 def checked_image_size(path: str) -> Size:
@@ -40,7 +41,7 @@ class QwenVLEncoder:
     """Records -> the qwen-vl kind's sample columns; image sizes are read from the headers under `image_dir`.
 
     Args:
-        inputs: the model's `QwenVLInputs` (processor, box format, system prompt).
+        inputs: the model's `medm.qwenvl.data.QwenVLInputs` (processor, box format, system prompt).
         image_dir: base directory of relative image paths.
         max_length: most ids per sample, image ids included.
     """
@@ -48,7 +49,7 @@ class QwenVLEncoder:
     kind = "qwen-vl"
     media_errors = (ImageLoadError,)  # an unreadable image makes a known-bad sample, not an error
 
-    def __init__(self, inputs: QwenVLInputs, image_dir: str | None, max_length: int):
+    def __init__(self, inputs, image_dir: str | None, max_length: int):
         self.inputs, self.image_dir, self.max_length = inputs, image_dir, max_length
         self._sizes: dict[str, Size] = {}
 
@@ -61,7 +62,7 @@ class QwenVLEncoder:
                 "max_length": self.max_length}
 
     def features(self) -> dict:
-        from datasets import List, Value
+        from datasets import List, Value  # defers datasets
 
         return {"geometries": List(List(Value("int32")))}
 
@@ -70,8 +71,6 @@ class QwenVLEncoder:
 
     def decoder(self):
         """The store's `decode` for rows of this encoder (picklable)."""
-        import functools
-
         return functools.partial(decode_geometries, self.inputs.patch, self.inputs.merge)
 
     def size(self, path: str) -> Size:

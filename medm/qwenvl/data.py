@@ -42,10 +42,12 @@ from medm.data.dataset import (
     streaming_dataset,
     use_store,
 )
-from medm.data.images import ImageLoadError, is_dicom, load_image
+from medm.data.images import ImageLoadError, load_image
 from medm.data.store import SampleStore, open_store
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError
 from medm.qwenvl import boxes
+from medm.qwenvl._encoder import QwenVLEncoder
+from medm.qwenvl._geometry import ImageGeometry, Size, image_size  # noqa: F401  (importable from here too)
 
 logger = logging.getLogger(__name__)
 
@@ -54,50 +56,6 @@ VISION_SPAN = f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
 # Grounding tokens may sit inside an answer (Qwen2-VL boxes): they never end an assistant turn.
 GROUNDING_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
                     "<|quad_end|>")
-Size = tuple[int, int]  # (width, height)
-
-
-@dataclass(frozen=True)
-class ImageGeometry:
-    """One image as the vision tower sees it.
-
-    Attributes:
-        original: (width, height) as stored (boxes in records are pixels of this size).
-        resized: (width, height) after upscaling tiny images and `smart_resize` (multiples of patch * merge).
-        patch, merge: the processor's patch size and spatial merge size.
-    """
-
-    original: Size
-    resized: Size
-    patch: int
-    merge: int
-
-    @property
-    def grid_thw(self) -> tuple[int, int, int]:
-        """(1, H / patch, W / patch): the `image_grid_thw` row of this image."""
-        return 1, self.resized[1] // self.patch, self.resized[0] // self.patch
-
-    @property
-    def num_tokens(self) -> int:
-        """LLM tokens (`<|image_pad|>` ids) of this image."""
-        _, gh, gw = self.grid_thw
-        return gh * gw // self.merge ** 2
-
-
-def image_size(path: str) -> Size:
-    """(width, height) of an image file as `medm.data.images.load_image` returns it, from the header where it can
-    (EXIF orientation applied); DICOM files are decoded."""
-    if is_dicom(path):
-        return load_image(path).size
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            # EXIF orientations 5-8 rotate by 90 degrees: load_image's exif_transpose swaps the sides.
-            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
-    except OSError:
-        return load_image(path).size  # raises ImageLoadError with the reason
-
-
 class QwenVLChatFormat(ChatFormat):
     """`ChatFormat` with the processor's chat template, where grounding tokens are answer text, not turn ends."""
 
@@ -295,8 +253,6 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
     def __init__(self, records: Sequence[Record] | SampleStore, processor, *, box_format: str,
                  image_dir: str | None = None, system_prompt: str | None = None, max_length: int = 2048,
                  max_bad_samples: float | None = 100):
-        from medm.qwenvl._encoder import QwenVLEncoder  # imports this module
-
         self.inputs = QwenVLInputs(processor, box_format, system_prompt)
         self.encoder = QwenVLEncoder(self.inputs, image_dir, max_length)
         self.processor = processor
@@ -419,8 +375,6 @@ def build_qwenvl_dataset(data_args, model, processor) -> QwenVLDataset:
     if data_args.streaming:
         records = []
     elif use_store(data_args):
-        from medm.qwenvl._encoder import QwenVLEncoder
-
         encoder = QwenVLEncoder(QwenVLInputs(processor, settings["box_format"], system_prompt), data_args.image_dir,
                                 data_args.max_length)
         records = open_store(annotation_files(data_args.path), encoder, cache_dir=data_args.cache_dir,
