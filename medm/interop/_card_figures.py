@@ -129,3 +129,40 @@ def _count_parameters(ckpt_dir: str) -> int | None:
             for key in f.keys():
                 total += math.prod(f.get_slice(key).get_shape())
     return total
+
+
+# Timing figures every evaluation logs; not validation results.
+_EVAL_TIMING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time")
+
+
+def _eval_figures(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, int) else _json_safe(float(v)) for k, v in row.items()
+            if k.startswith("eval_") and k not in _EVAL_TIMING and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+
+
+def validation_figures(state: dict[str, Any] | None, metric: str | None = None, curve: bool = False
+                       ) -> dict[str, Any]:
+    """What the run's evaluations found, from a TrainerState dict: `evaluations` (their number), `last` (the last
+    one's figures), and where checkpoints were ranked by `metric` (metric_for_best_model): `metric`,
+    `best_metric`, `best_step`, `best_checkpoint` and `best` (that evaluation's figures). `curve`: also every
+    evaluation as `{"step", figures...}`. {} when nothing was evaluated."""
+    evals = [r for r in (state or {}).get("log_history") or [] if "eval_loss" in r]
+    if not evals:
+        return {}
+    out: dict[str, Any] = {"evaluations": len(evals)}
+    if metric and state.get("best_metric") is not None:
+        out["metric"] = metric if metric.startswith("eval_") else f"eval_{metric}"
+        out["best_metric"] = _json_safe(float(state["best_metric"]))
+        step = state.get("best_global_step")
+        if step:
+            out["best_step"] = int(step)
+            if state.get("best_model_checkpoint"):
+                out["best_checkpoint"] = os.path.abspath(state["best_model_checkpoint"])
+            row = next((r for r in reversed(evals) if r.get("step") == step), None)
+            if row is not None:
+                out["best"] = _eval_figures(row)
+    out["last"] = {"step": evals[-1].get("step"), **_eval_figures(evals[-1])}
+    if curve:
+        out["curve"] = [{"step": r.get("step"), **_eval_figures(r)} for r in evals]
+    return out

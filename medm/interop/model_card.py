@@ -5,7 +5,8 @@
 A card has YAML front matter (the Hugging Face model-card metadata, plus a `medm:` block holding the same facts in
 machine-readable form, so an export can carry its source's data and stage plan forward) and these sections:
 Model (components), Checkpoint (format and how to load it), Training data (data files), Training procedure (stage
-plan and optimisation), Training results (final loss, steps, tokens: from metrics.jsonl / trainer_state.json),
+plan and optimisation), Training results (final loss, steps, tokens: from metrics.jsonl / trainer_state.json; with
+validation, the best checkpoint and its validation figures),
 Evaluation (each metrics.json next to the checkpoint or passed in), Intended use, and Not for clinical use.
 """
 
@@ -32,6 +33,7 @@ from medm.interop._card_figures import (  # noqa: F401  (importable from here to
     read_card_metadata,
     read_metrics,
     training_figures,
+    validation_figures,
 )
 from medm.models.checkpoint import read_meta
 from medm.models.modeling_medm import register_auto_classes
@@ -191,6 +193,27 @@ def _figures_rows(fig: dict[str, Any]) -> list[str]:
               else f"| {names[k]} | {fig[k]} |" for k in names if k in fig]]
 
 
+def _validation_rows(val: dict[str, Any]) -> list[str]:
+    if not val:
+        return []
+    lines = [f"Validation: {val['evaluations']} evaluation(s)."]
+    if "best_step" in val:
+        where = f"`{val['best_checkpoint']}`" if val.get("best_checkpoint") else "not saved"
+        lines[0] += (f" Best by {val['metric']}: step {val['best_step']} ({val['metric']} "
+                     f"{_number(val['best_metric'])}), checkpoint {where}.")
+    shown = [("Best", val.get("best")), (f"Last (step {val['last'].get('step')})", val.get("last"))]
+    shown = [(label, figs) for label, figs in shown if figs]
+    keys = [k for k in dict.fromkeys(k for _, figs in shown for k in figs) if k != "step"]
+    lines += ["", "| Validation figure | " + " | ".join(label for label, _ in shown) + " |",
+              "|---|" + "---|" * len(shown),
+              *[f"| {k} | " + " | ".join(_number(figs.get(k)) for _, figs in shown) + " |" for k in keys], ""]
+    return lines
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
 def render_model_card(ckpt_dir: str, meta: dict[str, Any], config, notes: list[str] | None = None) -> str:
     """The card text: front matter (`meta` under `medm:`) and the sections in `SECTIONS`."""
     fmt = meta.get("format", "full")
@@ -221,6 +244,7 @@ def render_model_card(ckpt_dir: str, meta: dict[str, Any], config, notes: list[s
     lines += ["## Training results", ""]
     fig = meta.get("training") or {}
     lines += [*_figures_rows(fig), ""] if fig else ["Not recorded.", ""]
+    lines += _validation_rows(meta.get("validation") or {})
     if fig and os.path.isfile(os.path.join(ckpt_dir, "loss.png")):
         lines += ["![training loss](loss.png)", ""]
     lines += ["## Evaluation", ""]
@@ -265,7 +289,8 @@ def write_model_card(ckpt_dir: str, *, config=None, fmt: str | None = None, sour
     if source:
         meta["source"] = os.path.abspath(source)
         inherited = read_card_metadata(source)
-        meta.update({k: inherited[k] for k in ("data", "stage", "train", "training", "evaluation") if k in inherited})
+        meta.update({k: inherited[k] for k in ("data", "stage", "train", "training", "validation", "evaluation")
+                     if k in inherited})
         figures = training_figures(source)
         if figures:
             meta["training"] = {**meta.get("training", {}), **figures}
@@ -280,6 +305,10 @@ def write_model_card(ckpt_dir: str, *, config=None, fmt: str | None = None, sour
         figures = training_figures(ckpt_dir, state)
         if figures:
             meta["training"] = figures
+        metric = train_config.train.metric_for_best_model if train_config is not None else None
+        validation = validation_figures(state if isinstance(state, dict) else None, metric)
+        if validation:
+            meta["validation"] = validation
     evals = dict(meta.get("evaluation") or {})
     evals.update(evaluation_figures([*(eval_metrics or []), *_find_eval_files(ckpt_dir, source)]))
     if evals:

@@ -25,6 +25,8 @@ from medm.models.checkpoint import (
     save_components,
     write_meta,
 )
+from medm.train._generation_eval import GenerationEval
+from medm.train.args import SAMPLING_STRATEGIES
 from medm.train.safety import (
     CheckpointWriteError,
     RunGuard,
@@ -42,7 +44,6 @@ from medm.train.stages import (
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_STRATEGIES = ("auto", "random", "sequential", "group_by_length", "group_by_modality_length")
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -63,6 +64,8 @@ class MedMTrainer(Trainer):
         train_sampler: a sampler that plans the epoch itself (a data mixture's `MixtureSampler`); it replaces
             the sampling strategy.
         guard: the run's `RunGuard` (medm.train.safety), told every training loss (non-finite loss stop).
+        generation_eval: answers validation records and scores them at each evaluation (`train.eval_task`,
+            medm.train._generation_eval); its figures join eval_loss as `eval_<name>`.
 
     Checkpoints are written atomically (`_save_checkpoint`), and training logs carry `bad_samples` when the dataset
     counts samples whose media failed to load (medm.data.dataset, `data.max_bad_samples`).
@@ -71,10 +74,11 @@ class MedMTrainer(Trainer):
     def __init__(self, *args, connector_lr: float | None = None, checkpoint_format: str = FULL,
                  components: list[str] | None = None, base_dir: str | None = None, sampling: str = "auto",
                  group_window: int = 64, train_sampler: torch.utils.data.Sampler | None = None,
-                 guard: RunGuard | None = None, **kwargs):
+                 guard: RunGuard | None = None, generation_eval: GenerationEval | None = None, **kwargs):
         self._staging: str | None = None
         super().__init__(*args, **kwargs)
         self.guard = guard
+        self.generation_eval = generation_eval
         self.connector_lr = connector_lr
         self.checkpoint_format = checkpoint_format
         self.components = components or []
@@ -137,6 +141,18 @@ class MedMTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     # ---- saving and resuming in the stage's checkpoint format ---------------------------------------------
+    # ---- evaluation: the validation loss, plus generation scored by an eval task -------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generation_eval is not None and description == "Evaluation":
+            # In the same metrics as eval_loss: one log entry, and metric_for_best_model / early stopping see them.
+            with self.autocast_smart_context_manager():
+                figures = self.generation_eval(self.accelerator.unwrap_model(self.model), self.processing_class,
+                                               self.state.global_step)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in figures.items()})
+        return output
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if self.checkpoint_format == COMPONENTS_ONLY:

@@ -27,6 +27,7 @@ from medm.config import (
 from medm.data.dataset import DataArgs
 from medm.data.streaming import check_streaming
 from medm.models import ModelArgs, parse_model_args
+from medm.registry import TASK
 from medm.train._training_arguments import TrainingArgumentsFields
 
 
@@ -60,6 +61,9 @@ class StagePlan:
     def __post_init__(self):
         if self.lora is None:
             self.lora = LoraArgs()
+
+
+SAMPLING_STRATEGIES = ("auto", "random", "sequential", "group_by_length", "group_by_modality_length")
 
 
 @dataclass
@@ -105,11 +109,13 @@ class TrainArgs(TrainingArgumentsFields):
                                                "the dataset knows its lengths; else random), random, sequential, "
                                                "group_by_length (batches of similar length), or "
                                                "group_by_modality_length (also one modality per batch: image, "
-                                               "image3d or text); see medm.data.sampler")
+                                               "image3d or text); see medm.data.sampler",
+                                  choices=SAMPLING_STRATEGIES)
     group_window: int = arg(64, "length grouping: sort within windows of this many steps (batch x GPUs); larger "
                                 "means less padding, 1 sorts within one step only (LLaVA)", ge=1)
     deepspeed: str | None = arg(None, "DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json, ...)")
-    device: str = arg("auto", "auto (CUDA when available), cuda, or cpu (gloo backend for multi-process runs)")
+    device: str = arg("auto", "auto (CUDA when available), cuda, or cpu (gloo backend for multi-process runs)",
+                      choices=("auto", "cuda", "cpu"))
     resume_from_checkpoint: str | bool | None = arg(None, "resume this run: a checkpoint-N directory, or true for "
                                                           "the latest one in output_dir (optimizer, scheduler, RNG "
                                                           "and data position); not init_from")
@@ -140,6 +146,13 @@ class TrainArgs(TrainingArgumentsFields):
                                                     "metric_for_best_model (needs load_best_model_at_end); null: "
                                                     "never", ge=1)
     early_stopping_threshold: float = arg(0.0, "smallest change of the metric that counts as an improvement", ge=0)
+    eval_task: str | None = arg(None, "medm eval task (vqa, vqa-rad, slake, report, ...; `medm list`) that scores "
+                                      "answers generated for the first eval_max_samples validation records at each "
+                                      "evaluation, logged as eval_<figure> (eval_closed_accuracy, eval_rougeL, ...) "
+                                      "and usable as metric_for_best_model; null: the validation loss only")
+    eval_max_samples: int = arg(200, "validation records answered at each evaluation with eval_task (the first N, "
+                                     "the same every time)", ge=1)
+    eval_max_new_tokens: int = arg(32, "longest answer generated for eval_task (greedy decoding)", ge=1)
 
 
 @dataclass
@@ -162,6 +175,7 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
         raise unknown_key(where, unknown[0], ("model", "data", "stage", "train"), "section", sep=": ")
     model, model_where = model_section(cfg, where)
     stage = from_dict(StagePlan, cfg.get("stage"), f"{where}: stage")
+    _check_modes(stage, where)
     train = from_dict(TrainArgs, cfg.get("train"), f"{where}: train")
     if not train.output_dir:
         raise ConfigError(f"{where}: train.output_dir is required")
@@ -173,6 +187,19 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
         _check_validation(data, train, where)
         check_streaming(data, train, where)
     return TrainConfig(model=parse_model_args(model, model_where), data=cfg.get("data"), stage=stage, train=train)
+
+
+def _check_modes(stage: StagePlan, where: str) -> None:
+    """Each mode set in the stage plan is one its component takes (whether the model has that component is known
+    only once it is built: medm.train.stages.resolve_plan)."""
+    from medm.train.stages import COMPONENTS, parse_mode  # stages builds on StagePlan: imported when used
+
+    for component in COMPONENTS:
+        if getattr(stage, component) is not None:
+            try:
+                parse_mode(component, getattr(stage, component))
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
 
 
 def has_validation(data: DataArgs) -> bool:
@@ -197,6 +224,14 @@ def _check_validation(data: DataArgs, train: TrainArgs, where: str) -> None:
     if strategy != "no" and not has_validation(data):
         raise ConfigError(f"{where}: train.eval_strategy={strategy} needs validation data: set data.val_path or "
                           "data.val_size")
+    if train.eval_task is not None:
+        if train.eval_task not in TASK:
+            raise ConfigError(f"{where}: train.eval_task: {train.eval_task!r} is not a medm eval task; known: "
+                              f"{', '.join(TASK.names())}")
+        if strategy == "no":
+            raise ConfigError(f"{where}: train.eval_task scores generation at each evaluation, but there is none: "
+                              "set data.val_path or data.val_size (and leave train.eval_strategy unset or steps / "
+                              "epoch)")
     if train.early_stopping_patience is not None and not train.load_best_model_at_end:
         raise ConfigError(f"{where}: train.early_stopping_patience needs train.load_best_model_at_end=true")
     if train.load_best_model_at_end:

@@ -29,6 +29,7 @@ from medm.models.checkpoint import (
     load_init_weights,
 )
 from medm.train._distributed import prepare_zero3_loading, whole_weights
+from medm.train._generation_eval import GenerationEval, validation_records
 from medm.train._medm_trainer import (  # noqa: F401  (importable from here too)
     SAMPLING_STRATEGIES,
     MedMTrainer,
@@ -37,7 +38,7 @@ from medm.train._medm_trainer import (  # noqa: F401  (importable from here too)
 from medm.train._qlora import qlora_load_config
 from medm.train._training_arguments import passthrough
 from medm.train.args import TrainArgs, TrainConfig, eval_strategy, has_validation
-from medm.train.metrics import MetricsJsonl, ModelCardCallback, plot_loss
+from medm.train.metrics import MetricsJsonl, ModelCardCallback, plot_loss, write_results
 from medm.train.safety import (
     RunGuard,
     last_checkpoint,
@@ -314,6 +315,14 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         dataset, collator, sampler = build_training_inputs(cfg, model, tokenizer)
         if eval_dataset is None and args.eval_strategy != "no":
             eval_dataset = build_validation_data(cfg, model, tokenizer)
+    generation = None
+    if train.eval_task and eval_dataset is not None and args.eval_strategy != "no":
+        records, image_dir = validation_records(eval_dataset, train.eval_max_samples)
+        generation = GenerationEval(train.eval_task, records, image_dir=image_dir,
+                                    max_new_tokens=train.eval_max_new_tokens,
+                                    batch_size=args.per_device_eval_batch_size, output_dir=out)
+        logger.info("validation: %d records answered and scored by eval task %s at each evaluation", len(records),
+                    train.eval_task)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         # Each rank reads its own batches (medm.data.streaming.own_shards): dispatching them from rank 0 would read
         # everything on one rank and cannot split a batch whose ranks hold different media (None pixel values).
@@ -340,6 +349,7 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
                           processing_class=tokenizer, callbacks=cbs, connector_lr=train.connector_lr,
                           checkpoint_format=fmt, base_dir=base, sampling=train.train_sampling_strategy,
                           group_window=train.group_window, train_sampler=sampler, guard=guard,
+                          generation_eval=generation,
                           components=[p for k, m in modes.items() if m.trains for p in paths[k]])
     if rank0:
         remove_incomplete_checkpoints(out)
@@ -361,7 +371,9 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
             if stopped is None:
                 trainer.save_state()
             if train.plot_loss:
-                plot_loss(out)
+                plot_loss(out, [f"eval_{c.key}" for c in generation.task.columns if c.percent] if generation else None)
+            if evaluation != "no":
+                write_results(out, trainer.state, args)
     finally:
         guard.restore()
         # A ZeRO-3 config stays registered globally and would partition the next model built in this process.

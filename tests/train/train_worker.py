@@ -1,7 +1,8 @@
 """python tests/train/train_worker.py SPEC_JSON  (or under torchrun): one tiny training run in a fresh process.
 
-SPEC_JSON: {"out": dir, "data": train.json, "stage": {...}, "train": {...}}. Each rank writes `rank{R}.pt` with its
-weights at the start and the end of training and what the Trainer ran with, for tests/train/test_distributed.py.
+SPEC_JSON: {"out": dir, "data": train.json, "stage": {...}, "train": {...}, "data_args": {...}}. Each rank writes
+`rank{R}.pt` with its weights at the start and the end of training, what the Trainer ran with and the evaluations it
+logged, for tests/train/test_distributed.py and test_generation_eval.py.
 """
 
 import json
@@ -26,7 +27,8 @@ def main() -> None:
     from medm.train.trainer import run_training
 
     out = Path(spec["out"])
-    cfg = make_cfg(out, Path(spec["data"]), spec.get("stage"), **spec.get("train", {}))
+    cfg = make_cfg(out, Path(spec["data"]), spec.get("stage"), data_args=spec.get("data_args"),
+                   **spec.get("train", {}))
     start = {}
 
     class RecordStart(TrainerCallback):
@@ -45,6 +47,7 @@ def main() -> None:
         "world_size": trainer.args.world_size,
         "zero_stage": ds.zero_optimization_stage() if ds is not None else None,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "evals": [h for h in trainer.state.log_history if "eval_loss" in h],  # what this rank logged
         # What this rank's first batch holds (each rank reads its own shard of the data).
         "first_batch_pixels": next(iter(trainer.get_train_dataloader()))["pixel_values"].cpu(),
     }, out / f"rank{rank}.pt")
