@@ -126,11 +126,39 @@ def run_demo(out: str | None = None, finetune_steps: int | None = None, pretrain
         for rec, p, b in zip(test, preds, blank):
             f.write(json.dumps({"id": rec.id, "question_type": rec.extra.get("question_type"), "answer": rec.answer,
                                 "prediction": p, "prediction_blank_image": b}) + "\n")
-    print_table(results, out)
+    print_table(results, out, validation_curve(f"{out}/finetune"))
     return results
 
 
-def print_table(results: dict, out: str) -> None:
+# The validation figures the demo's finetune stage logs (train.eval_task: vqa), as the curve shows them.
+CURVE_COLUMNS = (("eval_loss", "val loss"), ("eval_closed_accuracy", "closed acc"), ("eval_open_accuracy", "open acc"),
+                 ("eval_overall", "overall"))
+
+
+def validation_curve(run_dir: str) -> list[dict]:
+    """The evaluations of a training run (`curve` of its results.json: step and figures); [] when it has none."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("curve", [])
+
+
+def format_curve(curve: list[dict]) -> list[str]:
+    """Lines of a step -> validation table: the loss, and the accuracies as fractions like the demo's table (the
+    task logs percentages); a figure an evaluation lacks (no open question among the records) shows as -."""
+    if not curve:
+        return []
+    columns = [(k, h) for k, h in CURVE_COLUMNS if any(k in point for point in curve)]
+    lines = [f"{'step':>6} " + " ".join(f"{h:>10}" for _, h in columns)]
+    for point in curve:
+        cells = [point.get(k) for k, _ in columns]
+        cells = [v if v is None or k == "eval_loss" else v / 100 for (k, _), v in zip(columns, cells)]
+        lines.append(f"{point['step']:>6} " + " ".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in cells))
+    return lines
+
+
+def print_table(results: dict, out: str, curve: list[dict] | None = None) -> None:
     rows = [(k, v["n"], v["accuracy"], v["majority_baseline"], v["blanked_accuracy"])
             for k, v in results["per_kind"].items()]
     rows.append(("overall", results["n_test"], results["accuracy"], results["majority_baseline"],
@@ -140,6 +168,11 @@ def print_table(results: dict, out: str) -> None:
     print(f"{'kind':<10} {'n':>5} {'accuracy':>9} {'majority':>9} {'blank img':>10}")
     for k, n, a, m, b in rows:
         print(f"{k:<10} {n:>5} {a:>9.3f} {m:>9.3f} {b:>10.3f}")
+    if curve:
+        n = curve[-1].get("eval_n")
+        print(f"\nvalidation during finetuning ({n} questions split off the training data, scored as `medm eval "
+              f"--task vqa`):\n")
+        print("\n".join(format_curve(curve)))
     if "threads_choice" in results:
         print(f"\nthreads:    {results['threads_choice']}")
     print(f"checkpoint: {results['checkpoint']}\nfigures:    {os.path.join(out, 'results.json')}")
