@@ -9,8 +9,9 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from medm.config import ConfigError, arg, from_dict, to_dict, unknown_key
+from medm.config import ConfigError, arg, from_dict, not_allowed, to_dict, unknown_key
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
+from medm.models._chat_templates import CHAT_TEMPLATES
 from medm.models._hub import require_available
 from medm.models.checkpoint import (  # noqa: F401  (their old home; medm.models.checkpoint is theirs now)
     checkpoint_kind,
@@ -20,7 +21,14 @@ from medm.models.checkpoint import (  # noqa: F401  (their old home; medm.models
     save_model,
 )
 from medm.models.configuration_medm import MedMConfig
-from medm.models.llm import load_llm, remote_code, resolve_dtype, resolve_text_config
+from medm.models.llm import (
+    ATTN_IMPLEMENTATIONS,
+    DTYPES,
+    load_llm,
+    remote_code,
+    resolve_dtype,
+    resolve_text_config,
+)
 from medm.models.modeling_medm import MedMForConditionalGeneration, register_auto_classes
 from medm.models.tiny import tiny_tokenizer
 from medm.models.vision._hf import HFEncoder
@@ -40,9 +48,10 @@ class LLMArgs:
     config: dict | None = arg(None, "HF config of the LLM as a mapping with `model_type` (used when `path` is null)")
     tokenizer: str | None = arg(None, "tokenizer directory or hub id; default: `path`")
     tiny_tokenizer: str | None = arg(None, "train a tiny BPE tokenizer in-process with this chat format: "
-                                           "chatml, llama3, phi3, none (tests and demo)")
-    dtype: str = arg("float32", "weights dtype: float32, bfloat16, float16")
-    attn_implementation: str = arg("sdpa", "eager, sdpa, or flash_attention_2 (GPU, needs flash-attn)")
+                                           "chatml, llama3, phi3, none (tests and demo)", choices=CHAT_TEMPLATES)
+    dtype: str = arg("float32", "weights dtype: float32, bfloat16, float16", choices=DTYPES)
+    attn_implementation: str = arg("sdpa", "eager, sdpa, or flash_attention_2 (GPU, needs flash-attn)",
+                                   choices=ATTN_IMPLEMENTATIONS)
     trust_remote_code: bool = arg(False, "run model code shipped with the checkpoint; off unless you trust it")
     lora_target_modules: list | None = arg(None, "LoRA target modules; default: the family's")
 
@@ -69,7 +78,7 @@ def parse_model_args(cfg: dict[str, Any], where: str = "model") -> ModelArgs:
     """ModelArgs from a model config mapping, checked by its kind (`ModelKind.check`)."""
     args = from_dict(ModelArgs, cfg, where)
     if args.kind not in KIND:
-        raise ConfigError(f"{where}.kind: {args.kind!r}; valid: {', '.join(KIND.names())}")
+        raise not_allowed(f"{where}.kind", args.kind, KIND.names())
     KIND.get(args.kind).check(args, cfg, where)
     return args
 

@@ -79,6 +79,8 @@ def config_keys_text(width: int = 100) -> str:
                           "meaning: docs/config_reference.md. The keys of each section:", width) + [""]
     for section, (module, name) in _SECTIONS.items():
         keys = ", ".join(section_keys(module, name))
+        if section == "train":
+            keys += ", and every other field of transformers' TrainingArguments"
         lines += textwrap.wrap(f"{section}: {keys}", width, initial_indent="  ", subsequent_indent="    ")
     return "\n".join(lines)
 

@@ -189,7 +189,10 @@ def test_data_mixture_builds_concat_dataset_and_its_sampler(tiny_model, tmp_path
 
 
 def test_unknown_strategy_is_a_config_error(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="train.train_sampling_strategy: 'by_modality' is not allowed"):
+        config(tmp_path, None, train_sampling_strategy="by_modality")  # when the config is read
     model, tok = tiny_model
-    cfg = config(tmp_path, None, train_sampling_strategy="by_modality")
+    cfg = config(tmp_path, None)
+    cfg.train.train_sampling_strategy = "by_modality"  # set in code: the trainer refuses it too
     with pytest.raises(ConfigError, match="'by_modality'; valid: auto, random"):
         trainer_for(cfg, model, tok, [], None)

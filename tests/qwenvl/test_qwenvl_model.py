@@ -48,7 +48,7 @@ def test_the_tiny_yamls_are_the_tiny_presets():
 
 
 @pytest.mark.parametrize("cfg,message", [
-    ({"kind": "qwenvl"}, r"model.kind: 'qwenvl'; valid: medm, qwen-vl"),
+    ({"kind": "qwenvl"}, r"model.kind: 'qwenvl' is not allowed; did you mean qwen-vl\? \(allowed: medm, qwen-vl\)"),
     ({"kind": "qwen-vl"}, r"configured in the `qwenvl` section only; add it"),
     ({"kind": "qwen-vl", "llm": {"family": "qwen2"}, "qwenvl": {}}, r"remove `llm`"),
     ({"kind": "qwen-vl", "qwenvl": {"path": "x", "box_format": "json_resized", "pth": 1}},

@@ -44,12 +44,19 @@ BAD = [
     ("train", "torch_compile", "maybe", "train.torch_compile: 'maybe' is not true or false"),
     ("stage", "lora", "4", "stage.lora: 4 is not a mapping"),
     ("data", "max_length", "long", "data.max_length: 'long' is not an integer"),
+    ("model.llm", "trust_remote_code", "sure", "model.llm.trust_remote_code: 'sure' is not true or false"),
     # a value not allowed
     ("train", "max_steps", "-5", "train.max_steps: -5 is not allowed (must be >= -1)"),
     ("train", "optim", "adamw", "train.optim: 'adamw' is not allowed; did you mean adamw_torch? (allowed: "),
     ("train", "logging_strategy", "sometimes",
      "train.logging_strategy: 'sometimes' is not allowed (allowed: no, steps, epoch)"),
     ("train", "log_level", "loud", "train.log_level: 'loud' is not allowed (allowed: detail, debug, info"),
+    ("train", "device", "cuda:0",
+     "train.device: 'cuda:0' is not allowed; did you mean cuda? (allowed: auto, cuda, cpu)"),
+    ("train", "train_sampling_strategy", "group_by_len", "train.train_sampling_strategy: 'group_by_len' is not "
+     "allowed; did you mean group_by_length? (allowed: auto, random, sequential, group_by_length, "),
+    ("stage", "llm", "lorra", "stage.llm: 'lorra' is not a mode for the llm; valid: frozen, full, lora, qlora"),
+    ("model.llm", "dtype", "bf16", "model.llm.dtype: 'bf16' is not allowed; did you mean bfloat16? (allowed: "),
     # an unknown key, with the closest known one
     ("train", "learnig_rate", "1e-4", "train.learnig_rate: unknown key; did you mean learning_rate?"),
     ("train", "ddp_timout", "600", "train.ddp_timout: unknown key; did you mean ddp_timeout?"),
@@ -63,9 +70,14 @@ BAD = [
 
 @pytest.mark.parametrize("section, key, raw, message", BAD, ids=[f"{s}.{k}={v}" for s, k, v, _ in BAD])
 def test_bad_settings_are_one_line_from_yaml_and_overrides(section, key, raw, message, tmp_path, toy_data):
-    # The same line whether the value sits in the YAML file or comes as an override.
-    in_yaml = _error(tmp_path, _config(tmp_path, toy_data, **{section: {key: yaml.safe_load(raw)}}))
+    cfg = _config(tmp_path, toy_data)
+    node = cfg
+    for part in section.split("."):
+        node = node[part]
+    node[key] = yaml.safe_load(raw)
+    in_yaml = _error(tmp_path, cfg)
     overridden = _error(tmp_path, _config(tmp_path, toy_data), [f"{section}.{key}={raw}"])
+    # The same line whether the value sits in the YAML file or comes as an override.
     assert in_yaml == overridden
     assert in_yaml.startswith(message), in_yaml
 
