@@ -88,3 +88,20 @@ def passthrough(train: Any) -> dict[str, Any]:
     """{name: value} of the pass-through fields of a TrainArgs, for `TrainingArguments(...)`."""
     return {f.name: getattr(train, f.name) for f in passthrough_fields(type(train))}
 
+
+
+# Never recorded anywhere medm writes (the model card, results): a credential.
+SECRETS = ("hub_token",)
+
+
+def recorded_settings(train: Any) -> dict[str, Any]:
+    """The settings of a TrainArgs a model card records: medm's own fields, and the pass-through fields the config
+    changed from transformers' defaults; never a credential (`SECRETS`)."""
+    own = set(own_fields(type(train)))
+    out = {}
+    for f in dataclasses.fields(train):
+        value = getattr(train, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name not in SECRETS and (f.name in own or value != default):
+            out[f.name] = value
+    return out

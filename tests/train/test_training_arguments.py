@@ -142,9 +142,16 @@ def test_pass_through_settings_reach_the_training_arguments(tmp_path, toy_data):
 def test_pass_through_settings_reach_a_real_run(tmp_path, toy_data):
     overrides = dict(item.split("=", 1) for item in SETTINGS)
     train = {k.split(".", 1)[1]: yaml.safe_load(v) for k, v in overrides.items()}
-    trainer = run_training(make_cfg(tmp_path / "run", toy_data, max_steps=2, **train))
+    out = tmp_path / "run"
+    trainer = run_training(make_cfg(out, toy_data, max_steps=2, hub_token="hf_not_a_real_token", **train))
     _check_settings(trainer.args)
     assert trainer.state.global_step == 2
     logged = [h for h in trainer.state.log_history if "loss" in h]
     # logging_first_step=false: with logging_steps 1 every step logs anyway; tokens seen are counted ("all").
     assert trainer.state.num_input_tokens_seen > 0 and [h["step"] for h in logged] == [1, 2]
+    # The model card records medm's settings and the pass-through ones the config changed, never the token.
+    card = (out / "README.md").read_text()
+    recorded = yaml.safe_load(card.split("---")[1])["medm"]["train"]
+    assert recorded["ddp_timeout"] == 600 and recorded["optim"] == "adamw_torch_fused" and recorded["max_steps"] == 2
+    assert "ddp_bucket_cap_mb" not in recorded and "hub_token" not in recorded
+    assert "hf_not_a_real_token" not in card
