@@ -224,6 +224,11 @@ def _check_validation(data: DataArgs, train: TrainArgs, where: str) -> None:
     if strategy != "no" and not has_validation(data):
         raise ConfigError(f"{where}: train.eval_strategy={strategy} needs validation data: set data.val_path or "
                           "data.val_size")
+    metric = train.metric_for_best_model.removeprefix("eval_")
+    if strategy != "no" and train.eval_task is None and not metric.endswith("loss"):
+        raise ConfigError(f"{where}: train.metric_for_best_model: {train.metric_for_best_model!r} is not logged; "
+                          "without train.eval_task the validation figure is eval_loss (set train.eval_task, e.g. vqa, "
+                          "for generation scores such as eval_closed_accuracy)")
     if train.eval_task is not None:
         if train.eval_task not in TASK:
             raise ConfigError(f"{where}: train.eval_task: {train.eval_task!r} is not a medm eval task; known: "

@@ -130,6 +130,8 @@ def test_records_without_a_reference_fail_before_training(tmp_path, toy_data):
      r"train.eval_task: 'vqa_rad' is not a medm eval task; known: .*vqa-rad"),
     ({"eval_task": "vqa"}, {}, "train.eval_task scores generation at each evaluation, but there is none"),
     ({"eval_task": "vqa", "eval_strategy": "no"}, {"val_size": 2}, "but there is none"),
+    ({"metric_for_best_model": "eval_closed_accuracy"}, {"val_size": 2},
+     r"train.metric_for_best_model: 'eval_closed_accuracy' is not logged; without train.eval_task"),
 ])
 def test_eval_task_settings_fail_when_read(tmp_path, toy_data, train, data, message):
     with pytest.raises(ConfigError, match=message):
