@@ -125,7 +125,9 @@ class TrainArgs(TrainingArgumentsFields):
                                           "docs/reliability.md")
     stop_on_nonfinite_loss: bool = arg(True, "stop at the first NaN / Inf training loss without saving that step, "
                                              "keeping the last good checkpoint (an error naming it)")
-    report_to: list = arg(["tensorboard"], "logging integrations; [] for none (metrics.jsonl is always written)")
+    report_to: list | str = arg(["tensorboard"], "logging integrations (tensorboard, wandb, mlflow, ...): a list "
+                                                 "or one name; [] or none for none (metrics.jsonl is always "
+                                                 "written)")
     disable_tqdm: bool = arg(False, "turn off the console progress bar")
     plot_loss: bool = arg(True, "write loss.png (training and validation loss curves) into output_dir at the end")
     eval_strategy: str | None = arg(None, "when to compute the validation loss (data.val_path / data.val_size): "
@@ -153,6 +155,10 @@ class TrainArgs(TrainingArgumentsFields):
     eval_max_samples: int = arg(200, "validation records answered at each evaluation with eval_task (the first N, "
                                      "the same every time)", ge=1)
     eval_max_new_tokens: int = arg(32, "longest answer generated for eval_task (greedy decoding)", ge=1)
+
+    def __post_init__(self):
+        if isinstance(self.report_to, str):  # `report_to: wandb`, as transformers takes it
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
 
 
 @dataclass

@@ -35,7 +35,7 @@ def _yaml(tmp_path, data, **train):
     ("train.lr_scheduler_type=zigzag", "train.lr_scheduler_type: 'zigzag' is not allowed (allowed: linear, cosine"),
     ("train.optim=adamw", "train.optim: 'adamw' is not allowed; did you mean adamw_torch? (allowed: adamw_torch"),
     ("train.save_strategy=sometimes", "train.save_strategy: 'sometimes' is not allowed (allowed: steps, epoch, no)"),
-    ("train.report_to=tensorboard", "train.report_to: 'tensorboard' is not a list"),
+    ("train.stop_signals=SIGUSR1", "train.stop_signals: 'SIGUSR1' is not a list"),
     ("stage.lora.r=0", "stage.lora.r: 0 is not allowed (must be >= 1)"),
     ("data.max_length=long", "data.max_length: 'long' is not an integer"),
 ])

@@ -127,11 +127,15 @@ def _check_settings(args):
 
 def test_pass_through_settings_reach_the_training_arguments(tmp_path, toy_data):
     path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(_config(tmp_path, toy_data, train={"report_to": ["wandb"]})))
+    path.write_text(yaml.safe_dump(_config(tmp_path, toy_data, train={"report_to": "wandb"})))
     cfg = load_train_config(str(path), SETTINGS)
     args = training_arguments(cfg.train, "cpu")
     _check_settings(args)
-    assert args.report_to == ["wandb"]
+    assert args.report_to == ["wandb"]  # `report_to: wandb`, one name, as transformers takes it
+    for given, expected in (("[tensorboard, wandb]", ["wandb"]), ("none", []), ("[]", [])):
+        # TensorBoard is medm's own callback (into output_dir/tensorboard), not transformers'.
+        cfg = load_train_config(str(path), [f"train.report_to={given}"])
+        assert training_arguments(cfg.train, "cpu").report_to == expected
     # medm's own settings still decide the fields it sets.
     assert args.remove_unused_columns is False and args.label_names == ["labels"] and args.use_cpu
     # Untouched pass-through fields are transformers' defaults.
