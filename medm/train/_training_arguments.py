@@ -24,7 +24,8 @@ REFUSED = {
     "gradient_checkpointing_kwargs": "a deprecated alias in transformers; set train.activation_checkpointing_kwargs",
     "remove_unused_columns": "set by medm (false): its collators build exactly the model's inputs",
     "label_names": "set by medm ([labels]): every medm batch carries its targets as `labels`",
-    "prediction_loss_only": "set by medm (true): validation computes the loss without gathering logits",
+    "prediction_loss_only": "set by medm (true): validation computes the loss without gathering logits (generated "
+                            "answers are scored with train.eval_task)",
     "length_column_name": "medm's length grouping reads the dataset's lengths (train.train_sampling_strategy)",
     "local_rank": "set by the launcher (torchrun, deepspeed, accelerate)",
     "parallelism_config": "an accelerate ParallelismConfig object, which a YAML value cannot express",

@@ -288,7 +288,10 @@ def run_training(cfg: TrainConfig, dataset=None, collator=None,
         evaluation = eval_strategy(train, data_args)
     else:
         evaluation = train.eval_strategy or ("steps" if eval_dataset is not None else "no")
-    args = training_arguments(train, device, evaluation=evaluation)
+    try:
+        args = training_arguments(train, device, evaluation=evaluation)
+    except ValueError as e:  # transformers' own checks of the pass-through settings (and of how they combine)
+        raise ConfigError(f"train: {' '.join(str(e).split())}") from None
     prepare_zero3_loading(args)
     # Seed before building: a randomly initialised part (tiny LLM, new embedding rows) is the same on every rank
     # and in a resumed run.

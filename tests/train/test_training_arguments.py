@@ -9,6 +9,7 @@ import yaml
 from train_helpers import make_cfg
 from transformers import TrainingArguments
 
+from medm.cli import main
 from medm.config import ConfigError
 from medm.models.tiny import tiny_model_config
 from medm.train._training_arguments import REFUSED, TrainingArgumentsFields, passthrough_fields
@@ -159,3 +160,14 @@ def test_pass_through_settings_reach_a_real_run(tmp_path, toy_data):
     assert recorded["ddp_timeout"] == 600 and recorded["optim"] == "adamw_torch_fused" and recorded["max_steps"] == 2
     assert "ddp_bucket_cap_mb" not in recorded and "hub_token" not in recorded
     assert "hf_not_a_real_token" not in card
+
+
+def test_transformers_own_checks_are_one_line_config_errors(tmp_path, toy_data, capsys):
+    """What only transformers knows to refuse (a pass-through value out of its range) stops `medm train` with one
+    line too, before a model is built."""
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, toy_data)))
+    assert main(["train", str(path), "train.torch_empty_cache_steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: train: `torch_empty_cache_steps` must be an integer bigger than 0, got 0.\n"
+    assert not (tmp_path / "run").exists()
