@@ -155,6 +155,8 @@ def validation_figures(state: dict[str, Any] | None, metric: str | None = None, 
         out["metric"] = metric if metric.startswith("eval_") else f"eval_{metric}"
         out["best_metric"] = _json_safe(float(state["best_metric"]))
         step = state.get("best_global_step")
+        if not step:  # no checkpoint was saved at that evaluation (save_strategy: no): find it in the logs
+            step = next((r.get("step") for r in evals if r.get(out["metric"]) == state["best_metric"]), None)
         if step:
             out["best_step"] = int(step)
             if state.get("best_model_checkpoint"):

@@ -94,7 +94,7 @@ def write_results(output_dir: str, state, args) -> str:
     results = {"global_step": state.global_step,
                **validation_figures(dataclasses.asdict(state), args.metric_for_best_model, curve=True)}
     if "best_step" in results:
-        results["final_weights"] = "best" if args.load_best_model_at_end else "last"
+        results["final_weights"] = "best" if args.load_best_model_at_end and "best_checkpoint" in results else "last"
     path = os.path.join(output_dir, RESULTS_FILE)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)

@@ -6,18 +6,20 @@ import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_helpers import REPO, free_port, make_cfg, run_env
+from transformers import TrainerState
 
 from medm.config import ConfigError
 from medm.infer import GenerationSettings, Predictor
 from medm.interop.model_card import read_card_metadata
 from medm.models import build_model
 from medm.train._generation_eval import GenerationEval, validation_records
-from medm.train.metrics import plot_loss
+from medm.train.metrics import plot_loss, write_results
 from medm.train.trainer import build_validation_data, run_training
 
 
@@ -172,3 +174,16 @@ def test_two_ranks_share_the_records_and_log_the_same_figures(tmp_path, toy_data
     assert [json.loads(line)["prediction"] for line in written] == expected
     answers = [r.conversations[-1]["value"] for r in records]
     assert evals[0][0]["eval_closed_accuracy"] == pytest.approx(_closed_accuracy(expected, answers))
+
+
+def test_results_name_the_best_evaluation_of_a_run_without_checkpoints(tmp_path):
+    # save_strategy: no (the demo): the Trainer tracks the best figure but no checkpoint holds it.
+    logs = [{"step": s, "eval_loss": 1.0 / s, "eval_closed_accuracy": a, "eval_runtime": 0.1}
+            for s, a in ((10, 40.0), (20, 70.0), (30, 60.0))]
+    state = TrainerState(global_step=30, log_history=[{"step": 5, "loss": 2.0}, *logs], best_metric=70.0)
+    args = SimpleNamespace(metric_for_best_model="eval_closed_accuracy", load_best_model_at_end=False)
+    results = json.loads(open(write_results(str(tmp_path), state, args)).read())
+    assert (results["best_step"], results["best_metric"], results["final_weights"]) == (20, 70.0, "last")
+    assert "best_checkpoint" not in results and results["best"] == {"eval_loss": 0.05, "eval_closed_accuracy": 70.0}
+    assert results["last"] == {"step": 30, "eval_loss": 1.0 / 30, "eval_closed_accuracy": 60.0}
+    assert [p["step"] for p in results["curve"]] == [10, 20, 30] and results["evaluations"] == 3
