@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDM_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_record_cache(tmp_path_factory):
+    """Record stores (medm.data.store) built by module- and session-scoped fixtures (set up before any test's own
+    fixtures) go to a temporary directory too, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDM_CACHE_DIR", str(tmp_path_factory.mktemp("records-session")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def record_cache(tmp_path_factory, monkeypatch) -> Path:
     """Record stores (medm.data.store) go to a fresh temporary directory, never ~/.cache (subprocesses inherit it)."""

@@ -22,10 +22,13 @@ from medm.data.templates import TemplateError
 
 logger = logging.getLogger("medm.data.store")
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 # Per-row status in the `status` column.
 OK, FAILED, DROPPED, BAD_MEDIA = 0, 1, 2, 3
 META = "meta.json"
+# Per-sample arrays beside the table, opened memory-mapped (`.npy`): rows (table row of each sample), length (a
+# known-bad sample: the longest), n_images, n_volumes, bad; and per record: image_files, volume_files.
+ARRAYS = ("rows", "length", "n_images", "n_volumes", "bad", "image_files", "volume_files")
 
 _CHUNK = 10_000  # records per Arrow batch while reading the annotation files
 _MIN_PER_PROC = 500  # with num_proc unset, a worker per this many records at least (processes cost ~1 s to start)
@@ -143,6 +146,27 @@ def _features(encoder, base):
     return Features(feats)
 
 
+def _write_arrays(where: str, table, status: np.ndarray) -> None:
+    """The `ARRAYS` of a built table: what a run reads for every sample (lengths, modalities) lies in a few small
+    files instead of one small slice of each of the table's batches (reading those would map ~64 KB around every
+    batch, the kernel's fault-around, into the process)."""
+    import pyarrow.compute as pc  # defers pyarrow
+
+    rows = np.flatnonzero((status == OK) | (status == BAD_MEDIA)).astype(np.int64)
+    bad = status[rows] == BAD_MEDIA
+    length = table.column("length").to_numpy()[rows].astype(np.int32)
+    if bad.any():
+        # A bad sample's length is unknown; the longest lets any good sample of its modality stand in for it.
+        length[bad] = length[~bad].max(initial=0)
+    arrays = {"rows": rows, "length": length, "bad": bad,
+              "n_images": table.column("n_images").to_numpy()[rows].astype(np.int32),
+              "n_volumes": table.column("n_volumes").to_numpy()[rows].astype(np.int32)}
+    for name, column in (("image_files", "image"), ("volume_files", "image3d")):
+        arrays[name] = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False).astype(np.int32)
+    for name in ARRAYS:
+        np.save(os.path.join(where, f"{name}.npy"), arrays[name])
+
+
 def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc: int | None) -> None:
     """Build the store of `files` into the directory `where` (which must not exist)."""
     from datasets import Dataset  # defers datasets
@@ -165,6 +189,7 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
                               num_proc=num_proc if num_proc > 1 else None,
                               features=_features(encoder, records.features),
                               cache_file_name=os.path.join(where, "samples.arrow"), new_fingerprint=fp[:40],
+                              writer_batch_size=10_000,  # fewer, larger batches: less to map when opened
                               desc=f"tokenizing {n} records")
     finally:
         if bars and n < 10_000:
@@ -172,6 +197,7 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
     shards = [os.path.basename(c["filename"]) for c in encoded.cache_files]
     table = encoded.data.table
     status = table.column("status").to_numpy()
+    _write_arrays(where, table, status)
     failed = np.flatnonzero(status == FAILED)
     dropped = np.flatnonzero(status == DROPPED)
     meta = {

@@ -5,9 +5,10 @@ and labels are exactly those of the in-memory path) into Arrow tables under `dat
 fingerprint of everything that changes the tokens: the data files (path, size, mtime), the tokenizer's state, the
 kind, template, system prompt, `max_length`, media token counts (qwen-vl: the processor's image settings, box
 format and image dir) and `STORE_VERSION`. A file lock lets exactly one process build a missing store; every other
-rank (or node on a shared disk) waits and opens the same files. Opening reads a few columns into numpy (lengths,
-modality counts, status); token ids and records stay in the mapping until a sample is read, so resident memory is
-flat in the number of records and forked or spawned DataLoader workers share the pages.
+rank (or node on a shared disk) waits and opens the same files. Opening maps the table and a few small per-sample
+arrays (`.npy`: lengths, media counts, table rows); nothing is read until used (a sample's ids when it is loaded,
+the lengths when a sampler plans an epoch), so a run holds no Python object per record and forked or spawned
+DataLoader workers share the pages.
 
     store = open_store(["train.jsonl"], ConversationEncoder(tok, num_image_tokens=64), cache_dir="~/.cache/medm")
     store[i].ids, store[i].labels, store[i].record      # one sample, attributes as the datasets' `_Sample`
@@ -34,9 +35,8 @@ import numpy as np
 
 from medm.data._encoded import EncodingLog
 from medm.data._store_build import (
-    BAD_MEDIA,
+    ARRAYS,
     META,
-    OK,
     STORE_VERSION,
     build_if_missing,
     record_from_json,
@@ -97,24 +97,25 @@ class SampleStore(Sequence):
     Args:
         path: the store's directory (`open_store` builds it and returns the store).
         decode: the kind's `(extra column values) -> attributes` for `StoredSample` (picklable); None: kept as read.
-        rows: table rows of the samples (a subset); None: every kept record.
+        positions: the samples kept, by position in the whole store (a subset); None: all.
 
     Attributes:
         meta: what the build found (`num_records`, `num_dropped`, `errors`, `files`, `fingerprint`, ...).
-        lengths: (N,) int64, ids per sample after expansion and truncation (a known-bad sample: the longest).
+        rows: (N,) int64, each sample's row in the table (failed and dropped records have rows too).
+        lengths: (N,) int32, ids per sample after expansion and truncation (a known-bad sample: the longest).
         n_images, n_volumes: (N,) int32, media kept after truncation.
         bad: (N,) bool, samples whose media could not be read when the store was built (qwen-vl).
         built: True when this process built the store (a cache miss).
     """
 
     def __init__(self, path: str, decode: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 rows: np.ndarray | None = None):
+                 positions: np.ndarray | None = None):
         from datasets import Dataset, concatenate_datasets  # defers datasets
 
         self.path = path
         self.decode = decode
         self.built = False
-        self.is_subset = rows is not None
+        self.is_subset = positions is not None
         with open(os.path.join(path, META)) as f:
             self.meta = json.load(f)
         parts = [Dataset.from_file(os.path.join(path, name)) for name in self.meta["shards"]]
@@ -123,32 +124,25 @@ class SampleStore(Sequence):
         self._extra = list(self.meta["extra_columns"])
         self._cols = {name: table.column(name) for name in
                       ("id", "record", "ids", "labels", "length", "n_images", "n_volumes", *self._extra)}
-        status = table.column("status").to_numpy()
-        self._all_rows = np.flatnonzero((status == OK) | (status == BAD_MEDIA)).astype(np.int64)
-        lengths = table.column("length").to_numpy().astype(np.int64)
-        bad = status == BAD_MEDIA
-        if bad.any():
-            # A bad sample's length is unknown; the longest lets any good sample of its modality stand in for it.
-            lengths[bad] = lengths[self._all_rows].max(initial=0)
-        self._lengths_all, self._bad_all = lengths, bad
-        self._n_images_all = table.column("n_images").to_numpy()
-        self._n_volumes_all = table.column("n_volumes").to_numpy()
-        self._select(self._all_rows if rows is None else np.asarray(rows, dtype=np.int64))
+        # Per-sample arrays written by the build, memory-mapped too: opening costs no memory per sample.
+        self._arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in ARRAYS}
+        self._select(None if positions is None else np.asarray(positions, dtype=np.int64))
 
-    def _select(self, rows: np.ndarray) -> None:
-        self.rows = rows
-        self.lengths = self._lengths_all[rows]
-        self.n_images = self._n_images_all[rows]
-        self.n_volumes = self._n_volumes_all[rows]
-        self.bad = self._bad_all[rows]
+    def _select(self, positions: np.ndarray | None) -> None:
+        """Keep the samples at `positions` of the whole store (None: all of them)."""
+        a = self._arrays
+        pick = (lambda x: x) if positions is None else (lambda x: np.asarray(x[positions]))
+        self.positions = positions
+        self.rows = pick(a["rows"])
+        self.lengths, self.n_images, self.n_volumes, self.bad = (pick(a[k]) for k in ("length", "n_images",
+                                                                                     "n_volumes", "bad"))
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers and copies reopen the mapping by path instead of pickling the table.
-        return {"path": self.path, "decode": self.decode, "rows": self.rows if self.is_subset else None,
-                "built": self.built}
+        return {"path": self.path, "decode": self.decode, "positions": self.positions, "built": self.built}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["decode"], state["rows"])
+        self.__init__(state["path"], state["decode"], state["positions"])
         self.built = state["built"]
 
     def __len__(self) -> int:
@@ -170,7 +164,8 @@ class SampleStore(Sequence):
         """The samples at positions `keep` (a view on the same files; nothing is copied)."""
         part = object.__new__(SampleStore)
         part.__dict__.update(self.__dict__)
-        part._select(self.rows[np.asarray(keep, dtype=np.int64)])
+        keep = np.asarray(keep, dtype=np.int64)
+        part._select(keep if self.positions is None else self.positions[keep])
         part.is_subset = True
         return part
 
@@ -190,12 +185,20 @@ class SampleStore(Sequence):
     def first_with_files(self, key: str) -> str | None:
         """Id of the first record listing `image` or `image3d` files, or None: of every record read (dropped ones
         too, as the in-memory datasets check them), or of the samples of a subset."""
-        import pyarrow.compute as pc  # defers pyarrow
-
-        counts = pc.list_value_length(self._dataset.data.table.column(key)).to_numpy(zero_copy_only=False)
+        counts = self._arrays["image_files" if key == "image" else "volume_files"]
         rows = self.rows if self.is_subset else np.arange(len(counts))
         hit = np.flatnonzero(counts[rows] > 0)
         return None if not len(hit) else self._cols["id"][int(rows[hit[0]])].as_py()
+
+    def check_encoder(self, encoder) -> None:
+        """Raise ValueError when this store was not encoded with `encoder`'s settings (a dataset built on a store
+        must expand and cut its samples as they were encoded)."""
+        want = json.loads(json.dumps(encoder.fingerprint(), sort_keys=True, default=str))
+        if self.meta["kind"] != encoder.kind or self.meta["encoder"] != want:
+            diff = sorted(k for k in set(want) | set(self.meta["encoder"])
+                          if want.get(k) != self.meta["encoder"].get(k))
+            raise ValueError(f"record store {self.path} was encoded for other settings than this dataset's "
+                             f"({', '.join(diff) or 'kind'} differ); open it with the dataset's own encoder")
 
     @property
     def num_dropped(self) -> int:
