@@ -192,6 +192,18 @@ def check_value(value: Any, tp: Any, field: dataclasses.Field, where: str) -> An
     return value
 
 
+def check_arguments(func: Any, values: dict[str, Any], where: str) -> None:
+    """Each of `values` (the keys of a component's config section) fits the annotation of `func`'s parameter of
+    that name, if it has one: the same one-line errors as `check_value`. Null is left to the component."""
+    try:
+        hints = typing.get_type_hints(func)
+    except (NameError, TypeError):  # an annotation that names what this module cannot see: left unchecked
+        return
+    for key, value in values.items():
+        if key in hints and value is not None and not _coerce(value, hints[key], None)[0]:
+            raise ConfigError(f"{where}.{key}: {value!r} is not {_type_words(hints[key])}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build dataclass `cls` from a dict, recursing into nested dataclass fields; each value is checked against
     its field's type, bound and choices (`check_value`). A class may refuse keys by name with a reason

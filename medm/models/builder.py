@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from medm.config import ConfigError, arg, from_dict, not_allowed, to_dict, unknown_key
+from medm.config import ConfigError, arg, check_arguments, from_dict, not_allowed, to_dict, unknown_key
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN
 from medm.models._chat_templates import CHAT_TEMPLATES
 from medm.models._hub import require_available
@@ -108,6 +108,7 @@ def check_medm_args(args: ModelArgs, cfg: dict[str, Any], where: str) -> None:
         unknown = [k for k in section if k not in valid]
         if unknown:
             raise unknown_key(f"{where}.{slot}", unknown[0], valid, of=f" for {section['name']!r}")
+        check_arguments(cls.__init__, {k: v for k, v in section.items() if k != "name"}, f"{where}.{slot}")
     for slot, pair in (("vision", "connector"), ("vision3d", "connector3d")):
         if (getattr(args, slot) is None) != (getattr(args, pair) is None):
             raise ConfigError(f"{where}: `{slot}` and `{pair}` come together: set both or neither")

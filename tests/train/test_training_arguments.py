@@ -46,6 +46,8 @@ BAD = [
     ("stage", "lora", "4", "stage.lora: 4 is not a mapping"),
     ("data", "max_length", "long", "data.max_length: 'long' is not an integer"),
     ("model.llm", "trust_remote_code", "sure", "model.llm.trust_remote_code: 'sure' is not true or false"),
+    # a component's key, checked against its constructor's annotation
+    ("model.vision", "select_layer", "last", "model.vision.select_layer: 'last' is not an integer"),
     # a value not allowed
     ("train", "max_steps", "-5", "train.max_steps: -5 is not allowed (must be >= -1)"),
     ("train", "optim", "adamw", "train.optim: 'adamw' is not allowed; did you mean adamw_torch? (allowed: "),
