@@ -117,13 +117,12 @@ def test_vqa_rad_store_equals_the_in_memory_path(shared_data, tok, tmp_path):
     from medm.qwenvl.data import QwenVLDataset, QwenVLInputs
 
     _, processor = _qwen()
-    subset = _write(tmp_path / "vqa_rad_500.jsonl", raw[:500])
     kw = {"box_format": "json_resized", "image_dir": str(root / "images"), "max_length": 2048}
-    mem = QwenVLDataset(load_records(subset, for_training=True), processor, **kw)
+    mem = QwenVLDataset(load_records(path, for_training=True), processor, **kw)
     enc = QwenVLEncoder(QwenVLInputs(processor, "json_resized"), kw["image_dir"], kw["max_length"])
-    store = QwenVLDataset(open_store([subset], enc, num_proc=2, decode=enc.decoder()), processor, **kw)
+    store = QwenVLDataset(open_store([path], enc, num_proc=2, decode=enc.decoder()), processor, **kw)
     assert_same_samples(mem, store)
-    assert [s.geometries for s in store.samples[:20]] == [s.geometries for s in mem.samples[:20]]
+    assert [s.geometries for s in store.samples] == [s.geometries for s in mem.samples]
 
 
 def _qwen():
@@ -200,6 +199,9 @@ def test_cache_misses_when_tokenizer_max_length_or_data_change(tok, tmp_path):
     paths = {base.path} | {s.path for s in changed.values()}
     assert len(paths) == 5 and all(s.built for s in changed.values())
     assert changed["max_length"].meta["max_length"] == 100
+    # A dataset refuses a store encoded for other settings than its own.
+    with pytest.raises(ValueError, match="max_length differ"):
+        ConversationDataset(changed["max_length"], tok, **TEXT, image_preprocess=len, volume_preprocess=len)
 
 
 def test_encoding_errors_from_every_worker_are_listed_with_file_and_id(tmp_path):
