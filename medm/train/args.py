@@ -1,8 +1,9 @@
 """Train config: one YAML with `model:`, `data:`, `stage:` and `train:` sections, parsed into dataclasses.
 
 `medm train configs/train/finetune.yaml train.learning_rate=1e-4 stage.init_from=runs/pretrain` reads the file,
-applies the dotted overrides, and checks every key: an unknown one is an error naming the section and listing
-the valid keys.
+applies the dotted overrides, and checks every key and value before any model is built: an unknown key names the
+closest known one, a value of the wrong type or not allowed names what was expected (medm.config). `train:` takes
+medm's own settings and every other field of transformers' TrainingArguments (medm.train._training_arguments).
 """
 
 from __future__ import annotations
