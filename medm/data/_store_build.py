@@ -183,14 +183,22 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
     bars = is_progress_bar_enabled()
     if n < 10_000:
         disable_progress_bar()  # a bar for a few records is noise
+    features = _features(encoder, records.features)
     try:
-        # new_fingerprint: ours already covers the tokenizer; datasets would otherwise hash the encoder itself.
-        encoded = records.map(_EncodeBatch(encoder, files), batched=True, batch_size=1000,
-                              num_proc=num_proc if num_proc > 1 else None,
-                              features=_features(encoder, records.features),
-                              cache_file_name=os.path.join(where, "samples.arrow"), new_fingerprint=fp[:40],
-                              writer_batch_size=10_000,  # fewer, larger batches: less to map when opened
-                              desc=f"tokenizing {n} records")
+        if n == 0:  # map leaves an empty table as it is, without the new columns
+            import pyarrow as pa  # defers pyarrow
+
+            with pa.OSFile(os.path.join(where, "samples.arrow"), "wb") as sink, \
+                    pa.ipc.new_stream(sink, features.arrow_schema):
+                pass
+            encoded = Dataset.from_file(os.path.join(where, "samples.arrow"))
+        else:
+            # new_fingerprint: ours already covers the tokenizer; datasets would otherwise hash the encoder itself.
+            encoded = records.map(_EncodeBatch(encoder, files), batched=True, batch_size=1000,
+                                  num_proc=num_proc if num_proc > 1 else None, features=features,
+                                  cache_file_name=os.path.join(where, "samples.arrow"), new_fingerprint=fp[:40],
+                                  writer_batch_size=10_000,  # fewer, larger batches: less to map when opened
+                                  desc=f"tokenizing {n} records")
     finally:
         if bars and n < 10_000:
             enable_progress_bar()
