@@ -39,6 +39,12 @@ class TypedText:
         self._control = _alternation(self.control)
         self._index = {t: i for i, t in enumerate(self.control)}
         self._tokens = _alternation(added)
+        from transformers import PreTrainedTokenizerFast  # defers transformers
+
+        # The Rust tokenizer is called directly only where the class tokenizes as transformers' own fast tokenizer.
+        cls = type(tokenizer)
+        self._direct = (getattr(cls, "_encode_plus", None) is PreTrainedTokenizerFast._encode_plus
+                        and getattr(cls, "__call__", None) is PreTrainedTokenizerFast.__call__)
 
     def protect(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """Copies of `messages` whose contents have each control token swapped for a sentinel; `messages` itself
@@ -67,8 +73,7 @@ class TypedText:
         """
         tok = self.tokenizer
         if _OPEN not in rendering and not pieces:
-            enc = tok(rendering, add_special_tokens=False, return_offsets_mapping=True)
-            return rendering, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+            return self.tokenize_batch([rendering])[0]
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         text = ""
@@ -88,3 +93,24 @@ class TypedText:
             text += m.group(0)
             pos = m.end()
         return text, ids, offsets
+
+    def tokenize_batch(self, renderings: list[str]) -> list[tuple[str, list[int], list[tuple[int, int]]]]:
+        """`tokenize` of renderings without sentinels: (text, ids, offsets) each.
+
+        As `tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)`, but straight through the Rust
+        tokenizer when it is set as transformers sets it for that call (no truncation or padding, special tokens
+        split as `split_special_tokens`): the Python wrapper costs more than the tokenization of a short record.
+        One `encode` per text: `encode_batch` of a few short texts costs more CPU time in its thread pool.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self._direct else None
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            out = []
+            for text in renderings:  # the wrapper call, which also switches truncation and padding off
+                enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                out.append((text, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]))
+            return out
+        split = bool(getattr(self.tokenizer, "split_special_tokens", False))
+        if backend.encode_special_tokens != split:
+            backend.encode_special_tokens = split  # what the wrapper sets before each call
+        encs = [backend.encode(text, add_special_tokens=False) for text in renderings]
+        return [(text, enc.ids, enc.offsets) for text, enc in zip(renderings, encs)]

@@ -33,6 +33,17 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from medm.data._template_strings import (
+    _LLAVA_SYSTEM,
+    _LLAVA_V1_SYSTEM,
+    MEDM_VL,
+    MISTRAL_INSTRUCT,
+    PHI2,
+    PRETRAIN,
+    TINYLLAVA,
+    VICUNA,
+    _llava_two,
+)
 from medm.data._typed_text import TypedText
 from medm.data.annotations import IMAGE3D_TOKEN, IMAGE_TOKEN, Record
 from medm.registry import TEMPLATE
@@ -56,115 +67,6 @@ class ChatTemplate:
     jinja: str
     description: str = ""
 
-
-_LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-                 "detailed, and polite answers to the user's questions.")
-
-# Phi-2 has no chat template; its model card's QA format is "Instruct: <prompt>\nOutput:".
-PHI2 = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ 'Instruct: ' + message['content'] + '\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'Output: ' + message['content'] + eos_token + '\\n' }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Output:' }}{%- endif -%}"
-)
-
-# LLaVA v1 (conv_vicuna_v1): "{system} USER: {q} ASSISTANT: {a}</s>USER: ...". The generation prompt ends at
-# "ASSISTANT:" and the answer carries its leading space, as in LLaVA, so prompt and answer tokenize apart.
-VICUNA = (
-    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set system = '" + _LLAVA_SYSTEM.replace("'", "\\'") + "' -%}"
-    "{%- set loop_messages = messages -%}{%- endif -%}"
-    "{{ system + ' ' }}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
-
-# Caption pretraining (LLaVA "plain"): the images' placeholders, then the caption and EOS; human text is dropped.
-PRETRAIN = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '" + IMAGE_TOKEN + "' * message['content'].count('" + IMAGE_TOKEN + "') }}"
-    "{{ '" + IMAGE3D_TOKEN + "' * message['content'].count('" + IMAGE3D_TOKEN + "') }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
-    "{%- endif -%}{%- endfor -%}"
-)
-
-# MedM-VL (conv_version qwen2, lvlm/dataset/template at 193feb7 and 225fc0f; other LLMs the same text with their
-# EOS): "{system} USER: {q} ASSISTANT: {a}<eos>USER: {q2} ASSISTANT: ..." -- no space after the EOS before a later
-# turn's "USER:"; question and answer stripped as MedM-VL does; the image placeholder stays where the record put it.
-MEDM_VL = (
-    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set system = '" + _LLAVA_SYSTEM.replace("'", "\\'") + "' -%}"
-    "{%- set loop_messages = messages -%}{%- endif -%}"
-    "{{ system + ' ' }}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] | trim + ' ' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] | trim + eos_token }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
-
-# TinyLLaVA_Factory (phi, qwen2_base, qwen2_instruct, llama, gemma templates; they differ only in the EOS, which is
-# the tokenizer's here): "{system} USER: {q} ASSISTANT: {a}<eos>USER: ...". A question with an image is rewritten as
-# TinyLLaVA does: every "<image>" removed, the text stripped, one "<image>\n" put in front, the result stripped.
-TINYLLAVA = (
-    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set system = '" + _LLAVA_SYSTEM.replace("'", "\\'") + "' -%}"
-    "{%- set loop_messages = messages -%}{%- endif -%}"
-    "{{ system + ' ' }}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{%- set content = message['content'] -%}"
-    "{%- if '" + IMAGE_TOKEN + "' in content -%}"
-    "{%- set content = ('" + IMAGE_TOKEN + "\\n' + content.replace('" + IMAGE_TOKEN + "', '').strip()).strip() -%}"
-    "{%- endif -%}{{ 'USER: ' + content + ' ' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
-
-# Original LLaVA (haotian-liu/LLaVA llava/conversation.py, also LLaVA-Med's): conv_llava_v1 and conv_vicuna_v1
-# (SeparatorStyle.TWO; they differ in the default system text only) and conv_mistral_instruct (SeparatorStyle.LLAMA_2
-# with no system text). The end of an answer is the literal "</s>" LLaVA writes, whatever the tokenizer's EOS.
-# LLaVA-Med's copy of the TWO style writes "</s> " (a space) between turns; single-question prompts are equal.
-_LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                    "helpful, detailed, and polite answers to the human's questions.")
-
-
-def _llava_two(system: str) -> str:
-    return (
-        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
-        "{%- set loop_messages = messages[1:] -%}"
-        "{%- else -%}{%- set system = '" + system.replace("'", "\\'") + "' -%}"
-        "{%- set loop_messages = messages -%}{%- endif -%}"
-        "{{ system + ' ' }}"
-        "{%- for message in loop_messages -%}"
-        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
-        "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] + '</s>' }}"
-        "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-    )
-
-
-# "[INST] q [/INST] a </s>[INST] q2 [/INST]"; a system text goes in front of the first question in <<SYS>> tags.
-MISTRAL_INSTRUCT = (
-    "{%- if messages[0]['role'] == 'system' and messages[0]['content'] -%}"
-    "{%- set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}"
-    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
-    "{%- set ns = namespace(first=true) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '[INST] ' + (system if ns.first else '') + message['content'] + ' [/INST]' }}{%- set ns.first = false -%}"
-    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + ' </s>' }}"
-    "{%- endif -%}{%- endfor -%}"
-)
 
 TEMPLATE.register("phi2")(ChatTemplate(PHI2, "Phi-2 QA format: 'Instruct: q\\nOutput: a<eos>'"))
 TEMPLATE.register("medm-vl")(ChatTemplate(MEDM_VL, "MedM-VL: '{system} USER: q ASSISTANT: a<eos>USER: ...'"))
@@ -255,6 +157,16 @@ class ChatFormat:
         return msgs
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """`tokenizer.apply_chat_template(messages, tokenize=False)` with this format's template."""
+        if self.__dict__.get("_direct_jinja") is not self.jinja:  # a subclass may set `jinja` after __init__
+            self._direct = _direct_rendering(self.tokenizer, self.jinja)
+            self._direct_jinja = self.jinja
+        compiled, variables = self._direct
+        if compiled is not None and messages and all(
+                len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str for m in messages):
+            # Plain text messages: what apply_chat_template renders, without its per-call copying and checks.
+            return compiled.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
         return self.tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
@@ -272,24 +184,40 @@ class ChatFormat:
         rid = record_id if record_id is not None else getattr(conversation, "id", "<messages>")
         msgs = self.messages(conversation)
         shown = self.typed.protect(msgs)  # special-token text in the contents stays text
-        text, ids, offsets = self.typed.tokenize(self.render(shown), pieces=shown is not msgs)
+        pieces = shown is not msgs
+        full = self.render(shown)
+        # Every assistant turn's prompt is rendered first, so that the full rendering and the prompts tokenize in
+        # one call; a turn that cannot be rendered fails at its place in the turn order below, as it did one by one.
+        turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        prompts: list[str] = []
+        failure: Exception | None = None
+        for k in turns:
+            try:
+                if not any(m["role"] == "user" for m in msgs[:k]):
+                    raise TemplateError(f"record {rid!r}: assistant turn {k} has no user turn before it")
+                prompts.append(self.render(shown[:k], add_generation_prompt=True))
+            except Exception as e:
+                failure = e
+                break
+        if pieces:
+            encoded = [self.typed.tokenize(r, pieces=True) for r in (full, *prompts)]
+        else:
+            encoded = self.typed.tokenize_batch([full, *prompts])
+        text, ids, offsets = encoded[0]
         labels = [IGNORE_INDEX] * len(ids)
-        for k, msg in enumerate(msgs):
-            if msg["role"] != "assistant":
-                continue
-            if not any(m["role"] == "user" for m in msgs[:k]):
-                raise TemplateError(f"record {rid!r}: assistant turn {k} has no user turn before it")
-            t0, t_end = self._answer_span(text, msgs, shown, k, ids, offsets, rid)
+        for j, k in enumerate(turns):
+            if j == len(prompts):
+                raise failure
+            prompt, prompt_ids, _ = encoded[j + 1]
+            t0, t_end = self._answer_span(text, msgs[k]["content"], k, prompt, prompt_ids, ids, offsets, rid)
             labels[t0:t_end + 1] = ids[t0:t_end + 1]
         self._check_media(msgs, ids, rid)
         return ids, labels
 
-    def _answer_span(self, text: str, msgs: list[dict[str, str]], shown: list[dict[str, str]], k: int,
-                     ids: list[int], offsets: list[tuple[int, int]], rid: str) -> tuple[int, int]:
-        """Token indices (first, end-of-turn) of assistant message k in the full rendering `text` (`shown`: the
-        messages as rendered, `TypedText.protect`)."""
-        prompt, prompt_ids, _ = self.typed.tokenize(self.render(shown[:k], add_generation_prompt=True),
-                                                    pieces=shown is not msgs)
+    def _answer_span(self, text: str, content: str, k: int, prompt: str, prompt_ids: list[int], ids: list[int],
+                     offsets: list[tuple[int, int]], rid: str) -> tuple[int, int]:
+        """Token indices (first, end-of-turn) of assistant message k (`content`) in the full rendering `text`, given
+        the rendering and ids of the prompt before it."""
         if not text.startswith(prompt):
             at = next((i for i, (a, b) in enumerate(zip(text, prompt)) if a != b), min(len(text), len(prompt)))
             raise TemplateError(
@@ -308,16 +236,15 @@ class ChatFormat:
                 f"conversation (token {text[s:e]!r} at characters {s}-{e}, answer starts at {begin}): the tokenizer "
                 "merges text across the prompt / answer boundary. Strip leading whitespace from the answer or fix "
                 "the template.")
-        t = t0
-        while t < len(ids) and ids[t] not in self.special_ids:
-            t += 1
+        special = self.special_ids
+        t = next((i for i in range(t0, len(ids)) if ids[i] in special), len(ids))
         if t == len(ids):
             raise TemplateError(f"record {rid!r}: no end-of-turn special token after assistant turn {k}")
         body = text[begin:offsets[t][0]]
-        if body.strip() != msgs[k]["content"].strip():
+        if body.strip() != content.strip():
             raise TemplateError(
                 f"record {rid!r}: assistant turn {k} renders as {body!r} before its end token "
-                f"{text[offsets[t][0]:offsets[t][1]]!r}, expected its content {msgs[k]['content']!r}")
+                f"{text[offsets[t][0]:offsets[t][1]]!r}, expected its content {content!r}")
         return t0, t
 
     def _check_media(self, msgs: list[dict[str, str]], ids: list[int], rid: str) -> None:
@@ -348,6 +275,28 @@ class ChatFormat:
         return ids
 
 
+def _direct_rendering(tokenizer, jinja: str) -> tuple[Any, dict[str, Any]]:
+    """(compiled template, template variables) that `tokenizer.apply_chat_template` renders `jinja` with, or
+    (None, {}) where the tokenizer renders its own way or transformers' template compiler is not where it was."""
+    if type(tokenizer).apply_chat_template is not _base_apply_chat_template():
+        return None, {}
+    try:
+        from transformers.utils.chat_template_utils import (  # defers transformers
+            _compile_jinja_template,
+            _plain_template_data,
+        )
+    except ImportError:
+        return None, {}
+    return (_compile_jinja_template(tokenizer.get_chat_template(jinja, None)),
+            _plain_template_data(dict(tokenizer.special_tokens_map)))
+
+
+def _base_apply_chat_template():
+    from transformers import PreTrainedTokenizerBase  # defers transformers
+
+    return PreTrainedTokenizerBase.apply_chat_template
+
+
 def expand_media(ids: list[int], labels: list[int] | None, sizes: dict[int, int],
                  max_length: int | None = None) -> tuple[list[int], list[int] | None, dict[int, int]]:
     """Repeat each media placeholder id `sizes[id]` times (labels -100), keeping at most `max_length` ids.
@@ -361,26 +310,44 @@ def expand_media(ids: list[int], labels: list[int] | None, sizes: dict[int, int]
     Raises:
         TemplateError: a placeholder whose size is below 1 (e.g. images for a model without a 2D tower).
     """
+    kept = dict.fromkeys(sizes, 0)
+    # Text ids are copied a run at a time between placeholders (found by list.index), not one by one.
+    places = sorted(i for tok in sizes for i in _positions(ids, tok))
+    limit = max_length if max_length is not None else len(ids) + sum(max(sizes[ids[i]] - 1, 0) for i in places)
     out_ids: list[int] = []
     out_labels: list[int] | None = [] if labels is not None else None
-    kept = dict.fromkeys(sizes, 0)
-    for i, tok in enumerate(ids):
-        n = sizes.get(tok, 1)
+    start = 0  # the next id to copy
+    for i in places:
+        if i - start > limit - len(out_ids):  # the cut falls in the text before this placeholder
+            break
+        out_ids += ids[start:i]
+        if out_labels is not None:
+            out_labels += labels[start:i]
+        tok, n = ids[i], sizes[ids[i]]
         if n < 1:
             raise TemplateError(f"media token id {tok} expands to {n} ids; the model has no encoder for it "
                                 "(num_image_tokens / num_image3d_tokens is 0)")
-        if max_length is not None and len(out_ids) + n > max_length:
-            break
-        if tok in sizes:
-            out_ids.extend([tok] * n)
-            if out_labels is not None:
-                out_labels.extend([IGNORE_INDEX] * n)
-            kept[tok] += 1
-        else:
-            out_ids.append(tok)
-            if out_labels is not None:
-                out_labels.append(labels[i])
+        if len(out_ids) + n > limit:  # the cut moves before this placeholder; nothing after it is kept
+            return out_ids, out_labels, kept
+        out_ids += [tok] * n
+        if out_labels is not None:
+            out_labels += [IGNORE_INDEX] * n
+        kept[tok] += 1
+        start = i + 1
+    end = start + limit - len(out_ids)
+    out_ids += ids[start:end]
+    if out_labels is not None:
+        out_labels += labels[start:end]
     return out_ids, out_labels, kept
+
+
+def _positions(ids, tok: int) -> list[int]:
+    """Indices of `tok` in `ids` (a list or an array)."""
+    out, i = [], -1
+    for _ in range(ids.count(tok)):
+        i = ids.index(tok, i + 1)
+        out.append(i)
+    return out
 
 
 def render_prompt(conversation: Record | list[dict[str, str]], tokenizer: Any, *, template: str | None = None,

@@ -170,6 +170,90 @@ def test_expand_media_truncation_never_splits_an_image():
         expand_media(ids, None, {IMG: 0})
 
 
+def _expand_one_by_one(ids, labels, sizes, max_length=None):
+    """expand_media's definition, one id at a time."""
+    out, out_labels, kept = [], [] if labels is not None else None, dict.fromkeys(sizes, 0)
+    for i, tok in enumerate(ids):
+        n = sizes.get(tok, 1)
+        if n < 1:
+            raise TemplateError(f"media token id {tok} expands to {n} ids")
+        if max_length is not None and len(out) + n > max_length:
+            break
+        out += [tok] * n
+        if out_labels is not None:
+            out_labels += [IGNORE_INDEX] * n if tok in sizes else [labels[i]]
+        kept[tok] = kept.get(tok, 0) + (tok in sizes)
+    return out, out_labels, {k: v for k, v in kept.items() if k in sizes}
+
+
+@pytest.mark.parametrize("as_array", [False, True])
+def test_expand_media_equals_its_one_id_at_a_time_definition(as_array):
+    from array import array
+
+    IMG, VOL, OFF = 99, 98, 97  # OFF: a placeholder of an encoder the model lacks (expands to 0 ids)
+    cases = [[], [1, 2, 3], [IMG], [1, IMG, 2, VOL, 3, IMG, 4, 5], [IMG, IMG, 7, VOL], [1, 2, 3, 4, 5, 6, VOL, OFF],
+             [VOL, 1, OFF]]
+    for ids in cases:
+        labels = [i if i < 10 and i % 2 else IGNORE_INDEX for i in ids]
+        seq, lab = (array("l", ids), array("l", labels)) if as_array else (ids, labels)
+        for max_length in [None, 0, 1, 2, 3, 4, 5, 6, 8, 9, 12, 100]:
+            for with_labels in (True, False):
+                want = got = None
+                try:
+                    want = _expand_one_by_one(ids, labels if with_labels else None, {IMG: 3, VOL: 2, OFF: 0},
+                                              max_length)
+                except TemplateError:
+                    with pytest.raises(TemplateError, match="expands to 0"):
+                        expand_media(seq, lab if with_labels else None, {IMG: 3, VOL: 2, OFF: 0}, max_length)
+                    continue
+                got = expand_media(seq, lab if with_labels else None, {IMG: 3, VOL: 2, OFF: 0}, max_length)
+                assert got == want and type(got[0]) is list, (ids, max_length)
+
+
+def _conversation():
+    return [{"role": "system", "content": "You are a radiologist."},
+            {"role": "user", "content": "<image>\nIs there a lesion? <|im_end|>"},  # control-token text stays text
+            {"role": "assistant", "content": " Yes. There is one lesion."},
+            {"role": "user", "content": "Where is the lesion?"},
+            {"role": "assistant", "content": "upper left\n"}]
+
+
+@pytest.mark.parametrize("case", [("chatml", None), ("llama3", None), ("phi3", None)]
+                         + [("none", name) for name in TEMPLATE.names()])
+def test_render_is_apply_chat_template(case):
+    fmt_name, template = case
+    tok = tokenizer(fmt_name)
+    fmt = ChatFormat(tok, template, system_prompt="Be brief.")
+    msgs = _conversation()
+    for k in range(1, len(msgs) + 1):
+        for generation in (False, True):
+            want = tok.apply_chat_template(msgs[:k], chat_template=fmt.jinja, tokenize=False,
+                                           add_generation_prompt=generation)
+            assert fmt.render(msgs[:k], add_generation_prompt=generation) == want
+
+
+def test_tokenize_batch_is_the_tokenizer_call():
+    texts = ["<|im_start|>user\n<image>\nIs there a lesion?<|im_end|>\n", "  é 肺 <|im_end|><|im_start|>x\n\n", ""]
+    tok = tiny_tokenizer("chatml")
+    add_media_tokens(tok)
+    typed = ChatFormat(tok).typed
+
+    def wrapper():
+        out = []
+        for t in texts:
+            enc = tok(t, add_special_tokens=False, return_offsets_mapping=True)
+            out.append((t, enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]))
+        return out
+
+    assert typed.tokenize_batch(texts) == wrapper()
+    tok.split_special_tokens = True  # the wrapper splits special tokens as text then
+    assert typed.tokenize_batch(texts) == wrapper()
+    tok.split_special_tokens = False
+    tok.backend_tokenizer.enable_truncation(3)  # left on the Rust tokenizer: the wrapper switches it off
+    full = typed.tokenize_batch(texts)
+    assert full == wrapper() and len(full[0][1]) > 3
+
+
 def test_tokenizer_without_template_needs_a_registered_one():
     with pytest.raises(TemplateError, match="no chat template.*phi2.*pretrain.*vicuna"):
         ChatFormat(tokenizer("none"))
