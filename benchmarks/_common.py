@@ -85,26 +85,34 @@ def ratio_stats(num: list[float], den: list[float], digits: int = 3) -> dict[str
 
 
 def interleaved(arms: dict[str, Any], repeats: int, warmup: bool = True) -> dict[str, list[float]]:
-    """Run each arm `repeats` times as A, B, C, B, C, A, C, A, B, ... (the order rotating every round), so that
-    no arm gains or loses by its place while the machine warms up or other work comes and goes.
+    """Run the arms side by side, `repeats` rounds, so that no arm gains or loses by its place while the machine
+    warms up or other work comes and goes.
+
+    An arm is fn() -> seconds, or a list of them (e.g. one training step per batch): within a round the arms' units
+    run spread evenly and alternating (A1 B1 C1 A2 B2 C2 ...; an arm of fewer units has them spaced out), with the
+    order of the arms rotating every round. Each fn times only its own work (what it prepares before its timer does
+    not count).
 
     Args:
-        arms: name -> fn() returning the seconds one run of that arm took (the arm times only its own work:
-            preparation it does before its timer does not count).
-        repeats: rounds; every arm runs once per round.
-        warmup: run every arm once, untimed, first.
+        warmup: run every arm's first unit once, untimed, first.
     Returns:
-        name -> its `repeats` seconds, round by round (index i of every list is the same round).
+        name -> its `repeats` round totals in seconds (index i of every list is the same round).
     """
     names = list(arms)
+    units = {name: arm if isinstance(arm, list) else [arm] for name, arm in arms.items()}
     if warmup:
         for name in names:
-            arms[name]()
+            units[name][0]()
     out: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            out[name].append(float(arms[name]()))
+        rank = {name: (i - r) % len(names) for i, name in enumerate(names)}
+        plan = sorted(((j + 0.5) / len(units[name]), rank[name], name, j) for name in names
+                      for j in range(len(units[name])))
+        total = dict.fromkeys(names, 0.0)
+        for _, _, name, j in plan:
+            total[name] += float(units[name][j]())
+        for name in names:
+            out[name].append(total[name])
     return out
 
 

@@ -9,11 +9,12 @@ One training step (forward + backward + AdamW; vision encoder frozen, connector 
   loop that cuts the embeddings at each placeholder and splices the image features in (LLaVA's
   `prepare_inputs_labels_for_multimodal`), then pads.
 
-Figures, each the median with min and max over `--repeats` rounds (default 5) timed interleaved (every arm once per
-round, the order rotating): step seconds and the ratios medm / hf_llava (goal <= 1.05) and medm / splice on the same
-random batches; then real (non-pad) training tokens per second of HF LLaVA fed those random batches vs medm fed the
-same samples in length-grouped batches and in packed rows (goal: >= 1.5x). Every arm trains on the same
-`--batches x --batch-size` samples drawn at random from the set, so the tokens/s ratio is a ratio of seconds.
+Figures, each the median with min and max over `--repeats` rounds (default 5), the arms timed interleaved step by
+step (medm, HF LLaVA, splice, medm grouped, medm packed, medm, ...; the order rotating per round): step seconds and
+the ratios medm / hf_llava (goal <= 1.05) and medm / splice on the same random batches; then real (non-pad)
+training tokens per second of HF LLaVA fed those random batches vs medm fed the same samples in length-grouped
+batches and in packed rows (goal: >= 1.5x). Every arm trains on the same `--batches x --batch-size` samples drawn
+at random from the set, so the tokens/s ratio is a ratio of seconds.
 Records: VQA-RAD train (short answers) and a mixed set
 (the same plus long reports), lengths from the tiny chat tokenizer; images are random tensors of the encoder's size
 (loading is bench_data.py's figure). Sizes:
@@ -221,12 +222,11 @@ class StepBench(Bench):
                       "medm_packed": ("medm", model)}
 
             def arm(key):
+                """One unit per batch: the arms alternate step by step (medm, HF LLaVA, splice, medm grouped, ...)."""
                 name, m = runner[key]
-                return lambda: sum(timed(step(name, m, b), args.device, repeat=1, warmup=0) for b in batches[key])
+                return [lambda b=b: timed(step(name, m, b), args.device, repeat=1, warmup=0) for b in batches[key]]
 
-            for key, (name, m) in runner.items():  # warm-up: one step of each arm (first-call allocations)
-                timed(step(name, m, batches[key][0]), args.device, repeat=1, warmup=0)
-            secs = interleaved({key: arm(key) for key in runner}, args.repeats, warmup=False)
+            secs = interleaved({key: arm(key) for key in runner}, args.repeats)  # warm-up: one step of each arm
             res: dict[str, Any] = {"samples": len(ds), "real_tokens": real, "random_batches": len(random_idx),
                                    "grouped_batches": len(grouped_idx), "packed_batches": len(pack_idx),
                                    "packed_rows": len(packed.packs)}
