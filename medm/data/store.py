@@ -122,8 +122,7 @@ class SampleStore(Sequence):
         self._dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
         table = self._dataset.data.table  # memory-mapped: nothing is read until a column is touched
         self._extra = list(self.meta["extra_columns"])
-        self._cols = {name: table.column(name) for name in
-                      ("id", "record", "ids", "labels", "length", "n_images", "n_volumes", *self._extra)}
+        self._cols = {name: table.column(name) for name in ("id", "record", "ids", "labels", *self._extra)}
         # Per-sample arrays written by the build, memory-mapped too: opening costs no memory per sample.
         self._arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in ARRAYS}
         self._select(None if positions is None else np.asarray(positions, dtype=np.int64))
