@@ -3,7 +3,9 @@
 Text is encoded once, when the dataset is built (fast: one render and tokenization per record and per assistant
 turn), so lengths are exact before any image is read, template problems surface at once (one `TemplateError`
 listing every bad record), and samples left without a supervised token are dropped, counted and logged. Images are
-loaded and preprocessed in `__getitem__`.
+loaded and preprocessed in `__getitem__`. Training encodes through the record store (medm.data.store, `data.store:
+arrow`): once, by `data.num_proc` processes, into memory-mapped Arrow files every rank shares; the dataset then reads
+its samples from there with the same `ConversationEncoder`'s ids.
 """
 
 from __future__ import annotations
@@ -187,6 +189,7 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
             records = list(records)
         self.check_records(records)
         if isinstance(records, SampleStore):
+            records.check_encoder(self.encoder)
             self.samples: Sequence[_Sample] | SampleStore = records  # encoded already, memory-mapped
             self.num_dropped = records.num_dropped
             num_records = records.meta["num_records"]
