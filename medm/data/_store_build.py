@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from medm.data.annotations import AnnotationError, Record, RecordError
 from medm.data.streaming import read_shard
@@ -236,9 +236,12 @@ def build_if_missing(files: list[str], encoder, *, cache_dir: str, num_proc: int
     if os.path.isfile(os.path.join(final, META)):
         return final, False
     lock = FileLock(final + ".lock")
-    if lock.is_locked:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
         logger.info("record store: waiting for another process building %s", final)
-    with lock:
+        lock.acquire()
+    try:
         if os.path.isfile(os.path.join(final, META)):  # built by another process while we waited
             return final, False
         tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
@@ -251,4 +254,6 @@ def build_if_missing(files: list[str], encoder, *, cache_dir: str, num_proc: int
             raise
         shutil.rmtree(final, ignore_errors=True)  # a directory left without meta.json by a crash
         os.rename(tmp, final)
-    return final, True
+        return final, True
+    finally:
+        lock.release()
