@@ -259,6 +259,7 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
         self.image_dir = image_dir
         self.max_length = max_length
         if isinstance(records, SampleStore):
+            records.check_encoder(self.encoder)
             self.check_records(records)
             self.samples: Sequence[_Sample] | SampleStore = records  # encoded already, memory-mapped
             self.num_dropped = records.num_dropped
