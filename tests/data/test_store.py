@@ -153,6 +153,10 @@ def test_qwenvl_store_equals_the_in_memory_path_with_bad_images(tmp_path, caplog
     bad = [s.record.id for s in arrow.samples].index("broken")
     assert arrow.bad_samples.is_bad(bad) and bad_sample_count(arrow) == bad_sample_count(memory) == 1
     assert arrow[bad]["input_ids"].shape[0] > 0
+    # A dataset refuses a store encoded for other settings (here another max_length).
+    with pytest.raises(ValueError, match="max_length differ"):
+        type(arrow)(arrow.samples, processor, box_format=model.medm_settings["box_format"], image_dir=str(tmp_path),
+                    max_length=100)
     for i in range(len(memory)):
         if i != bad:
             m, a = memory[i], arrow[i]
