@@ -37,7 +37,6 @@ from medm.interop._card_figures import (  # noqa: F401  (importable from here to
 )
 from medm.models.checkpoint import read_meta
 from medm.models.modeling_medm import register_auto_classes
-from medm.train._training_arguments import recorded_settings
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +297,7 @@ def write_model_card(ckpt_dir: str, *, config=None, fmt: str | None = None, sour
     if train_config is not None:
         meta["data"] = train_config.data
         meta["stage"] = {**to_dict(train_config.stage), **(modes or {})}
-        meta["train"] = {k: v for k, v in recorded_settings(train_config.train).items()
+        meta["train"] = {k: v for k, v in train_config.train.recorded_settings().items()
                          if k not in ("output_dir", "report_to", "disable_tqdm", "resume_from_checkpoint")}
     if state is not None and dataclasses.is_dataclass(state):
         state = dataclasses.asdict(state)

@@ -29,7 +29,8 @@ from medm.data.dataset import DataArgs
 from medm.data.streaming import check_streaming
 from medm.models import ModelArgs, parse_model_args
 from medm.registry import TASK
-from medm.train._training_arguments import TrainingArgumentsFields
+from medm.train._modes import COMPONENTS, parse_mode
+from medm.train._training_arguments import TrainingArgumentsFields, recorded_settings
 
 
 @dataclass
@@ -161,6 +162,11 @@ class TrainArgs(TrainingArgumentsFields):
         if isinstance(self.report_to, str):  # `report_to: wandb`, as transformers takes it
             self.report_to = [] if self.report_to == "none" else [self.report_to]
 
+    def recorded_settings(self) -> dict[str, Any]:
+        """What a model card records (medm.train._training_arguments.recorded_settings); a method so the card's
+        writer (medm.interop) reads it without importing medm.train."""
+        return recorded_settings(self)
+
 
 @dataclass
 class TrainConfig:
@@ -199,8 +205,6 @@ def parse_train_config(cfg: dict[str, Any], where: str = "train config") -> Trai
 def _check_modes(stage: StagePlan, where: str) -> None:
     """Each mode set in the stage plan is one its component takes (whether the model has that component is known
     only once it is built: medm.train.stages.resolve_plan)."""
-    from medm.train.stages import COMPONENTS, parse_mode  # stages builds on StagePlan: imported when used
-
     for component in COMPONENTS:
         if getattr(stage, component) is not None:
             try:
