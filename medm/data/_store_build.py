@@ -4,6 +4,7 @@ atomic rename into the cache."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -244,8 +245,10 @@ def build_if_missing(files: list[str], encoder, *, cache_dir: str, num_proc: int
     try:
         if os.path.isfile(os.path.join(final, META)):  # built by another process while we waited
             return final, False
+        # Holding the lock, any temporary directory of this store is a killed build's.
+        for stale in glob.glob(glob.escape(final) + ".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         logger.info("record store: cache miss, building %s from %s", final, ", ".join(files))
         try:
             _build(files, encoder, tmp, fp, what, num_proc)

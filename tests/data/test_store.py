@@ -313,3 +313,28 @@ def test_prepare_builds_the_stores_a_training_run_opens(tmp_path, capsys):
     assert not dataset.samples.built and Path(dataset.samples.path).parent == shared
     assert main(["data", "prepare", str(config), "data.store=memory"]) == 2
     assert "data.store: arrow" in capsys.readouterr().err
+
+
+def test_a_killed_build_leaves_nothing_that_opens(tok, tmp_path, monkeypatch, record_cache):
+    from medm.data import _store_build
+
+    path = _write(tmp_path / "train.jsonl", RAW)
+
+    def killed(*args):
+        os.makedirs(args[2])
+        (Path(args[2]) / "records.arrow").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(_store_build, "_build", killed)
+        open_store([path], ConversationEncoder(tok, **TEXT))
+    assert [p.name for p in record_cache.iterdir() if not p.name.endswith(".lock")] == []
+    # A crash that could not clean up (SIGKILL) leaves its temporary directory; the next build removes it.
+    final = Path(_store_build.build_if_missing([path], ConversationEncoder(tok, **TEXT), cache_dir=str(record_cache),
+                                               num_proc=1)[0])
+    import shutil
+
+    shutil.rmtree(final)
+    (record_cache / f"{final.name}.tmp-otherhost-1").mkdir()
+    store = open_store([path], ConversationEncoder(tok, **TEXT))
+    assert store.built and [p.name for p in record_cache.iterdir() if not p.name.endswith(".lock")] == [final.name]
