@@ -171,7 +171,7 @@ def _write_arrays(where: str, table, status: np.ndarray) -> None:
 def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc: int | None) -> None:
     """Build the store of `files` into the directory `where` (which must not exist)."""
     from datasets import Dataset  # defers datasets
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+    from datasets.utils import logging as datasets_logging  # defers datasets
 
     start = time.perf_counter()
     os.makedirs(where)
@@ -181,9 +181,9 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
         num_proc = min(cpu_count(), max(1, n // _MIN_PER_PROC))
     num_proc = max(1, min(num_proc, n))
     records = Dataset.from_file(raw)
-    bars = is_progress_bar_enabled()
+    bars = datasets_logging.is_progress_bar_enabled()
     if n < 10_000:
-        disable_progress_bar()  # a bar for a few records is noise
+        datasets_logging.disable_progress_bar()  # a bar for a few records is noise
     features = _features(encoder, records.features)
     try:
         if n == 0:  # map leaves an empty table as it is, without the new columns
@@ -202,7 +202,7 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
                                   desc=f"tokenizing {n} records")
     finally:
         if bars and n < 10_000:
-            enable_progress_bar()
+            datasets_logging.enable_progress_bar()
     shards = [os.path.basename(c["filename"]) for c in encoded.cache_files]
     table = encoded.data.table
     status = table.column("status").to_numpy()
