@@ -123,6 +123,13 @@ class ChatFormat:
         self.image_id = self._token_id(IMAGE_TOKEN)
         self.image3d_id = self._token_id(IMAGE3D_TOKEN)
 
+    # Per-process state, rebuilt on first use: the compiled template (not picklable) and the prompt cache.
+    _CACHES = ("_direct", "_direct_jinja", "_prompts")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader and `datasets` workers receive the format pickled.
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
     def _token_id(self, token: str) -> int | None:
         tid = self.tokenizer.convert_tokens_to_ids(token)
         return tid if tid is not None and self.tokenizer.convert_ids_to_tokens(tid) == token else None
@@ -156,12 +163,22 @@ class ChatFormat:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """`tokenizer.apply_chat_template(messages, tokenize=False)` with this format's template."""
+    def _compiled(self) -> tuple[Any, dict[str, Any]]:
         if self.__dict__.get("_direct_jinja") is not self.jinja:  # a subclass may set `jinja` after __init__
             self._direct = _direct_rendering(self.tokenizer, self.jinja)
             self._direct_jinja = self.jinja
-        compiled, variables = self._direct
+            self._prompts = None if "strftime_now" in self.jinja else {}
+        return self._direct
+
+    def _prompt_cache(self) -> dict[tuple, tuple[str, list[int]]] | None:
+        """Prompts rendered and tokenized already, by their messages (caption sets repeat a few instructions);
+        None for a template that renders more than its messages (today's date)."""
+        self._compiled()
+        return self._prompts
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """`tokenizer.apply_chat_template(messages, tokenize=False)` with this format's template."""
+        compiled, variables = self._compiled()
         if compiled is not None and messages and all(
                 len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str for m in messages):
             # Plain text messages: what apply_chat_template renders, without its per-call copying and checks.
@@ -190,19 +207,36 @@ class ChatFormat:
         # one call; a turn that cannot be rendered fails at its place in the turn order below, as it did one by one.
         turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
         prompts: list[str] = []
+        known: list[list[int] | None] = []  # per prompt: its ids when the cache held it, else None
+        keys: list[tuple | None] = []
+        cache = self._prompt_cache() if not pieces and all(type(m["content"]) is str for m in msgs) else None
         failure: Exception | None = None
         for k in turns:
             try:
                 if not any(m["role"] == "user" for m in msgs[:k]):
                     raise TemplateError(f"record {rid!r}: assistant turn {k} has no user turn before it")
-                prompts.append(self.render(shown[:k], add_generation_prompt=True))
+                key = tuple((m["role"], m["content"]) for m in msgs[:k]) if cache is not None else None
+                hit = cache.get(key) if key is not None else None
+                prompts.append(hit[0] if hit else self.render(shown[:k], add_generation_prompt=True))
+                known.append(hit[1] if hit else None)
+                keys.append(key)
             except Exception as e:
                 failure = e
                 break
         if pieces:
             encoded = [self.typed.tokenize(r, pieces=True) for r in (full, *prompts)]
         else:
-            encoded = self.typed.tokenize_batch([full, *prompts])
+            done = iter(self.typed.tokenize_batch([full, *(p for p, i in zip(prompts, known) if i is None)]))
+            encoded = [next(done)]
+            for prompt, prompt_ids, key in zip(prompts, known, keys):
+                if prompt_ids is not None:
+                    encoded.append((prompt, prompt_ids, None))
+                    continue
+                encoded.append(next(done))
+                if key is not None and len(prompt) <= 2048:
+                    if len(cache) >= 256:
+                        cache.clear()
+                    cache[key] = (prompt, encoded[-1][1])
         text, ids, offsets = encoded[0]
         labels = [IGNORE_INDEX] * len(ids)
         for j, k in enumerate(turns):

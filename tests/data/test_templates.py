@@ -313,6 +313,37 @@ def test_inconsistent_templates_raise_naming_the_record(name):
     assert "'case-42'" in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["bpe_merge_across_boundary", None])
+def test_prompt_cache_and_pickling_change_no_ids_or_errors(name):
+    """Prompts are cached by their messages: a record whose prompt comes from the cache encodes (or fails) exactly as
+    with a fresh format, and so does a format sent to a worker (pickled)."""
+    import pickle
+
+    fmt = _bad_format(BAD_TEMPLATES[name][0]) if name else ChatFormat(tokenizer("chatml"))
+    question = {"role": "user", "content": "<image>\nIs there a lesion?"}
+    convs = [[question, {"role": "assistant", "content": a}] for a in ("\nYes.", "No.", "\nNo.", "\nYes.")]
+    convs.append([question, {"role": "assistant", "content": "\nYes."}, {"role": "user", "content": "Where?"},
+                  {"role": "assistant", "content": "\nupper left"}])
+
+    def run(f, conversations=None):
+        out = []
+        for conv in conversations or convs:
+            try:
+                out.append(f.encode(conv, record_id="rec"))
+            except TemplateError as e:
+                out.append(str(e))
+        return out
+
+    first = run(fmt)
+    assert fmt._prompts  # the shared question's prompt is cached
+    assert any(isinstance(r, str) for r in first) == (name is not None)
+    assert run(fmt) == first
+    assert run(pickle.loads(pickle.dumps(fmt))) == first
+    for conv, want in zip(convs, first):  # each with an empty cache
+        fresh = _bad_format(BAD_TEMPLATES[name][0]) if name else ChatFormat(tokenizer("chatml"))
+        assert run(fresh, [conv]) == [want]
+
+
 def test_media_token_missing_from_tokenizer_is_named():
     tok = tiny_tokenizer("chatml")  # no add_media_tokens
     rec = parse_record(RECORDS["placeholder_at_end"], "x")
