@@ -93,8 +93,20 @@ def _data(out):
     assert peak["shape"] == [32, 32, 32] and peak["peak_mb"] >= 0
 
 
+def _records(out):
+    row = out["per_n"][0]
+    assert row["n"] == 300 and set(row["build"]) == {"1_proc", "2_proc"}
+    for build in row["build"].values():
+        _spread(build["records_per_s"], repeats=1)
+    _spread(row["warm_start_s"])
+    _spread(row["encode_only_per_s"]["per_cpu_s"])
+    for mem in (row["memory"], out["baseline_in_memory"]["memory"]):
+        assert mem["n"] > 0 and "RssAnon_mb" in mem["iterated"] and len(mem["workers"]) == out["workers"] == 2
+        assert all(w["RssAnon_mb"] > 0 for w in mem["workers"])
+
+
 CHECKS = {"bench_padding": _padding, "bench_step": _step, "bench_memory": _memory, "bench_generate": _generate,
-          "bench_medmnist": _medmnist, "bench_data": _data}
+          "bench_medmnist": _medmnist, "bench_data": _data, "bench_records": _records}
 
 
 @pytest.fixture
