@@ -50,7 +50,8 @@ class LLMArgs:
     tiny_tokenizer: str | None = arg(None, "train a tiny BPE tokenizer in-process with this chat format: "
                                            "chatml, llama3, phi3, none (tests and demo)", choices=CHAT_TEMPLATES)
     dtype: str = arg("float32", "weights dtype: float32, bfloat16, float16", choices=DTYPES)
-    attn_implementation: str = arg("sdpa", "eager, sdpa, or flash_attention_2 (GPU, needs flash-attn)",
+    attn_implementation: str = arg("sdpa", "eager, sdpa, sdpa_varlen (sdpa per sample of packed rows), or "
+                                           "flash_attention_2 (GPU, needs flash-attn)",
                                    choices=ATTN_IMPLEMENTATIONS)
     trust_remote_code: bool = arg(False, "run model code shipped with the checkpoint; off unless you trust it")
     lora_target_modules: list | None = arg(None, "LoRA target modules; default: the family's")

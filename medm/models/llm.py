@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from medm.models import _packed_attention
 from medm.registry import LLM
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2")
+_packed_attention.register()  # `sdpa_varlen`: sdpa sample by sample over packed rows (medm.models._packed_attention)
 
 
 @dataclass

@@ -205,7 +205,8 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
 
         attn = (getattr(model.config, "llm", None) or {}).get("attn_implementation", "sdpa")
         dataset = PackedDataset(dataset, data.pack_length or data.max_length)
-        collator = PackingCollator(tokenizer, flash_kwargs=attn.startswith("flash_attention"))
+        # Varlen attention (flash, sdpa_varlen) reads the sample boundaries from the collator's cu_seq_lens.
+        collator = PackingCollator(tokenizer, flash_kwargs=attn.startswith("flash_attention") or attn == "sdpa_varlen")
         logger.info("packing: %d samples in %d rows of up to %d tokens", dataset.num_samples, len(dataset),
                     dataset.capacity)
     return dataset, collator, sampler

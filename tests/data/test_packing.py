@@ -90,8 +90,10 @@ def test_collator_rows_positions_and_flash_boundaries(tiny_model):
     assert batch["cu_seq_lens_q"].dtype == torch.int32
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_and_gradients_equal_unpacked(tiny_model, tmp_path, attn):
+@pytest.mark.parametrize("attn,flash_kwargs", [("sdpa", False), ("eager", False), ("sdpa_varlen", False),
+                                                ("sdpa_varlen", True)])
+def test_packed_loss_and_gradients_equal_unpacked(tiny_model, tmp_path, attn, flash_kwargs):
+    """sdpa_varlen: sample boundaries from the position ids, or from the collator's cu_seq_lens."""
     model, tok = tiny_model
     model.llm.config._attn_implementation = attn
     ds = make_dataset(model, tok, tmp_path)
@@ -100,7 +102,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_model, tmp_path, attn):
     packed_ds = PackedDataset(ds, capacity=2 * max(ds.lengths))
     assert len(packed_ds) < len(ds)  # some rows really hold several samples
     packs = [packed_ds[i] for i in range(len(packed_ds))]
-    packed = PackingCollator(tok)(packs)
+    packed = PackingCollator(tok, flash_kwargs=flash_kwargs)(packs)
     # Same supervised tokens (the first label of a sample is never a target, so masking it changes no count).
     assert int((unpacked["labels"][:, 1:] != IGNORE_INDEX).sum()) == int((packed["labels"] != IGNORE_INDEX).sum())
 
