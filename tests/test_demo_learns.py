@@ -4,8 +4,11 @@
 A broken image path (images not loaded, features not placed, a tower that sees noise) leaves the model answering
 from the question alone: at the blanked-image accuracy and near the majority baseline. Presence and count are
 learnt first, so they carry the check; location and size need the full run (docs/getting_started.md).
-Settings: 30 pretrain + 200 finetune steps on 1,000 training images, one thread (about 40 s on an idle core);
-over seeds 0, 1, 2 they gave presence 0.96 to 1.0 and count 0.85 to 0.89 with blanked images at 0.46 to 0.57.
+Settings: 30 pretrain + 200 finetune steps on 1,000 training images, one thread: about 40 s on an idle core (5 min
+on this project's shared 2-core machine at load 10). Over seeds 0, 1, 2 (the demo configs of 2026-12-07, 1% of
+the questions split off for validation) they gave presence 0.97 / 0.99 / 0.97 and count 0.77 / 0.91 / 0.76
+against blanked images 0.54 / 0.57 / 0.46 (majority the same) and overall 0.70 / 0.74 / 0.67 against 0.48 / 0.48
+/ 0.44; 250 finetune steps were no steadier (count 0.72 to 0.90).
 """
 
 import pytest
@@ -13,7 +16,8 @@ import torch
 
 from medm.demo import run_demo
 
-MARGIN = {"presence": 0.3, "count": 0.2}  # over both the blanked-image accuracy and the majority baseline
+# Over both the blanked-image accuracy and the majority baseline; the seeds above clear them by 0.08 or more.
+MARGIN = {"presence": 0.3, "count": 0.15, "overall": 0.1}
 
 
 @pytest.fixture
@@ -27,10 +31,11 @@ def _one_thread():
 def test_demo_learns_to_see(tmp_path, _one_thread, capsys):
     results = run_demo(str(tmp_path / "demo"), pretrain_steps=30, finetune_steps=200, n_train=1000, n_test=100,
                        seed=0, threads=1)
+    overall = {"n": results["n_test"], "accuracy": results["accuracy"], "blanked_accuracy":
+               results["blanked_accuracy"], "majority_baseline": results["majority_baseline"]}
     for kind, margin in MARGIN.items():
-        row = results["per_kind"][kind]
+        row = overall if kind == "overall" else results["per_kind"][kind]
         assert row["n"] >= 50, row
         assert row["accuracy"] >= row["blanked_accuracy"] + margin, (kind, row)
         assert row["accuracy"] >= row["majority_baseline"] + margin, (kind, row)
-    assert results["accuracy"] >= results["blanked_accuracy"] + 0.15, results
     assert results["threads"] == 1 and "threads:    1 (--threads)" in capsys.readouterr().out
