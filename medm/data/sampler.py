@@ -31,12 +31,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["GroupedSampler", "grouped_order"]
+__all__ = ["GroupedSampler", "grouped_order", "grouped_order_array"]
 
 
 def grouped_order(lengths: Sequence[int], batch_size: int, *, modalities: Sequence[str] | None = None,
                   world_size: int = 1, window: int = 64, bucket: int = 8, seed: int = 0, epoch: int = 0
                   ) -> list[int]:
+    """`grouped_order_array` as a list."""
+    return grouped_order_array(lengths, batch_size, modalities=modalities, world_size=world_size, window=window,
+                               bucket=bucket, seed=seed, epoch=epoch).tolist()
+
+
+def grouped_order_array(lengths: Sequence[int], batch_size: int, *, modalities: Sequence[str] | None = None,
+                        world_size: int = 1, window: int = 64, bucket: int = 8, seed: int = 0, epoch: int = 0
+                        ) -> np.ndarray:
     """One epoch's sample order, grouped by length (and modality); see the module docstring.
 
     Args:
@@ -50,7 +58,7 @@ def grouped_order(lengths: Sequence[int], batch_size: int, *, modalities: Sequen
         seed, epoch: the order is a function of both.
 
     Returns:
-        A permutation of `range(len(lengths))`.
+        (N,) int64: a permutation of `range(len(lengths))` (8 bytes a sample, not a Python int each).
     """
     if min(batch_size, world_size, window, bucket) < 1:
         raise ValueError(f"batch_size ({batch_size}), world_size ({world_size}), window ({window}) and bucket "
@@ -87,7 +95,7 @@ def grouped_order(lengths: Sequence[int], batch_size: int, *, modalities: Sequen
         rest = np.concatenate(leftover)
         rest = rest[np.argsort(-keys[rest], kind="stable")]
         order += [rest[i:i + step] for i in range(0, len(rest), step)]
-    return np.concatenate(order).tolist() if order else []
+    return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
 
 
 class GroupedSampler(torch.utils.data.Sampler[int]):
@@ -107,7 +115,7 @@ class GroupedSampler(torch.utils.data.Sampler[int]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, modalities: Sequence[str] | None = None,
                  world_size: int = 1, window: int = 64, bucket: int = 8, seed: int = 0):
-        self.lengths = list(lengths)
+        self.lengths = np.asarray(lengths)  # a store's memory-mapped lengths stay mapped: no object per sample
         self.modalities = None if modalities is None else list(modalities)
         self.batch_size, self.world_size, self.window, self.bucket, self.seed = (batch_size, world_size, window,
                                                                                  bucket, seed)
@@ -119,9 +127,10 @@ class GroupedSampler(torch.utils.data.Sampler[int]):
         self.epoch = int(epoch)
 
     def __iter__(self):
-        return iter(grouped_order(self.lengths, self.batch_size, modalities=self.modalities,
-                                  world_size=self.world_size, window=self.window, bucket=self.bucket,
-                                  seed=self.seed, epoch=self.epoch))
+        # Python ints one at a time from the array: an epoch's order costs 8 bytes a sample, not a list of ints.
+        return map(int, grouped_order_array(self.lengths, self.batch_size, modalities=self.modalities,
+                                            world_size=self.world_size, window=self.window, bucket=self.bucket,
+                                            seed=self.seed, epoch=self.epoch))
 
     def __len__(self) -> int:
         return len(self.lengths)
