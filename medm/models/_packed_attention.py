@@ -40,6 +40,8 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     cu = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
     B, H, T, d = query.shape
+    if cu is None and position_ids is not None and position_ids.dim() != 2:
+        position_ids = None  # M-RoPE's (3, B, T) positions do not restart per sample: nothing to split
     if attention_mask is not None or key.shape[2] != T or T == 1 or (cu is None and position_ids is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -53,9 +55,12 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     q, k, v = (x.transpose(0, 1).reshape(x.shape[1], B * T, d) for x in (query, key, value))
     gqa = k.shape[0] != H
     drop = dropout if module.training else 0.0
-    out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=drop, is_causal=True,
-                                                    scale=scaling, enable_gqa=gqa)
-                     for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+    # torch.split, not one slice per sample: a slice's backward writes its gradient into a zeroed full-size tensor
+    # (as many full-size fills and adds as samples), split's backward concatenates the pieces once.
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, dropout_p=drop, is_causal=True, scale=scaling,
+                                                    enable_gqa=gqa)
+                     for qs, ks, vs in zip(*(x.split(sizes, dim=1) for x in (q, k, v)))], dim=1)
     return out.reshape(H, B, T, d).permute(1, 2, 0, 3).contiguous(), None
 
 
