@@ -179,13 +179,14 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     ready_s = time.perf_counter() - t
     gc.collect()
     opened = _proc_memory()
-    order = list(GroupedSampler(lengths, 8, modalities=modalities))
-    for i in order[:2000]:
+    sampler = GroupedSampler(lengths, 8, modalities=modalities)
+    order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))  # as the Trainer draws it, kept compact
+    for i in order[:2000].tolist():
         s = ds.samples[i]
         _ = s.ids, s.labels, s.record
     gc.collect()
     sampled = _proc_memory()
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=order[:spec["batches"] * 8],
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=order[:spec["batches"] * 8].tolist(),
                                          num_workers=spec["workers"], collate_fn=collate)
     it = iter(loader)
     workers = []
