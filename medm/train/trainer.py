@@ -209,6 +209,10 @@ def build_training_inputs(cfg: TrainConfig, model, tokenizer):
         collator = PackingCollator(tokenizer, flash_kwargs=attn.startswith("flash_attention") or attn == "sdpa_varlen")
         logger.info("packing: %d samples in %d rows of up to %d tokens", dataset.num_samples, len(dataset),
                     dataset.capacity)
+        if attn in ("sdpa", "eager"):
+            logger.warning("packing with attn_implementation %s: every row attends over a dense block-diagonal "
+                           "mask (cost: the row's length squared); sdpa_varlen or flash_attention_2 attend within "
+                           "each sample only (docs/performance.md, Packing)", attn)
     return dataset, collator, sampler
 
 

@@ -142,8 +142,10 @@ def test_cross_sample_attention_is_blocked(tiny_model):
 
 
 @pytest.mark.slow
-def test_medm_train_with_packing(tmp_path):
-    """`data.packing: true` trains through run_training: packs are built, the loss is finite and falls."""
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_varlen"])
+def test_medm_train_with_packing(tmp_path, attn):
+    """`data.packing: true` trains through run_training: packs are built, the loss is finite and falls; with
+    sdpa_varlen the collator gives the attention its cu_seq_lens."""
     from medm.models.tiny import tiny_model_config
     from medm.train.args import parse_train_config
     from medm.train.trainer import run_training
@@ -151,8 +153,10 @@ def test_medm_train_with_packing(tmp_path):
     for k, colour in ((0, (200, 30, 30)), (1, (20, 90, 200))):
         Image.new("RGB", (36, 28), colour).save(tmp_path / f"{k}.png")
     (tmp_path / "train.json").write_text(json.dumps(raw_records() * 2))
+    model = tiny_model_config()
+    model["llm"]["attn_implementation"] = attn
     cfg = parse_train_config({
-        "model": tiny_model_config(), "stage": {},
+        "model": model, "stage": {},
         "data": {"path": str(tmp_path / "train.json"), "image_dir": str(tmp_path), "max_length": 128,
                  "packing": True},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 2,
@@ -162,6 +166,7 @@ def test_medm_train_with_packing(tmp_path):
     trainer = run_training(cfg)
     assert isinstance(trainer.train_dataset, PackedDataset)
     assert isinstance(trainer.data_collator, PackingCollator)
+    assert trainer.data_collator.flash_kwargs == (attn == "sdpa_varlen")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
