@@ -40,6 +40,9 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     cu = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
     B, H, T, d = query.shape
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):  # e.g. a vision tower's own attention
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if cu is None and position_ids is not None and position_ids.dim() != 2:
         position_ids = None  # M-RoPE's (3, B, T) positions do not restart per sample: nothing to split
     if attention_mask is not None or key.shape[2] != T or T == 1 or (cu is None and position_ids is None):

@@ -71,6 +71,17 @@ def test_padded_batch_and_generation_match_sdpa(tiny_model):
     assert torch.equal(out["sdpa_varlen"][1], out["sdpa"][1])
 
 
+def test_non_causal_attention_is_left_to_sdpa():
+    """A bidirectional caller (e.g. a vision tower splitting images by cu_seq_lens) gets plain sdpa, not causal."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    module = types.SimpleNamespace(training=False, is_causal=False)
+    got, _ = sdpa_varlen_attention(module, q, k, v, None, is_causal=False,
+                                   cu_seq_lens_q=torch.tensor([0, 3, 6], dtype=torch.int32))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    torch.testing.assert_close(got, ref)
+
+
 def test_sliding_window_layers_are_refused():
     q = torch.randn(1, 2, 4, 8)
     module = types.SimpleNamespace(training=False, sliding_window=2)
