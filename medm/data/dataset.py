@@ -117,7 +117,7 @@ class ConversationEncoder:
         """
         ids, labels = self.format.encode(record)
         full, lab, kept = expand_media(ids, labels, self.sizes, self.max_length)
-        if all(v == IGNORE_INDEX for v in lab):
+        if lab.count(IGNORE_INDEX) == len(lab):  # no supervised token (count: C speed, 5% of a store build)
             return None
         return {"ids": ids, "labels": labels, "length": len(full), "n_images": kept.get(self.format.image_id, 0),
                 "n_volumes": kept.get(self.format.image3d_id, 0)}

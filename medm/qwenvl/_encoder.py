@@ -90,7 +90,7 @@ class QwenVLEncoder:
         geometries = [self.inputs.geometry(self.size(p)) for p in record.image]
         ids, labels = self.inputs.encode(record, geometries)
         full, lab, kept = self.inputs.expand(ids, labels, geometries, self.max_length)
-        if all(v == IGNORE_INDEX for v in lab):
+        if lab.count(IGNORE_INDEX) == len(lab):  # no supervised token (count: C speed, 5% of a store build)
             return None
         return {"ids": ids, "labels": labels, "length": len(full), "n_images": kept, "n_volumes": 0,
                 "geometries": [[*g.original, *g.resized] for g in geometries], "image_geometries": geometries}
