@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from medm.data.annotations import AnnotationError, Record, RecordError
+from medm.data.annotations import AnnotationError, Record, RecordError, bad_records_error
 from medm.data.streaming import read_shard
 from medm.data.templates import TemplateError
 
@@ -100,10 +100,7 @@ def _write_records(files: list[str], out: str) -> int:
                 flush()
         flush()
     if errors:
-        shown = "\n  ".join(str(e) for e in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise AnnotationError(f"{len(errors)} bad record(s) in {', '.join(files)}:\n  {shown}{more}\n"
-                              "Run `medm data validate FILE --write-clean OUT` to list and drop them.")
+        raise bad_records_error(errors, files)
     return n
 
 

@@ -294,11 +294,16 @@ def load_records(paths: str | list[str], *, for_training: bool | None = None) ->
         for _, rec in iter_file(path, for_training=for_training):
             (errors if isinstance(rec, RecordError) else records).append(rec)
     if errors:
-        shown = "\n  ".join(str(e) for e in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise AnnotationError(f"{len(errors)} bad record(s) in {', '.join(paths)}:\n  {shown}{more}\n"
-                              "Run `medm data validate FILE --write-clean OUT` to list and drop them.")
+        raise bad_records_error(errors, paths)
     return records
+
+
+def bad_records_error(errors: list[RecordError], paths: list[str]) -> AnnotationError:
+    """One error listing the bad records of `paths` (up to 20) and pointing to `medm data validate`."""
+    shown = "\n  ".join(str(e) for e in errors[:20])
+    more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+    return AnnotationError(f"{len(errors)} bad record(s) in {', '.join(paths)}:\n  {shown}{more}\n"
+                           "Run `medm data validate FILE --write-clean OUT` to list and drop them.")
 
 
 def write_json_records(path: str, items: list[dict[str, Any]]) -> None:
