@@ -13,7 +13,7 @@ whole, exactly as before.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 _OPEN, _CLOSE = "\U000f0000", "\U000f0001"
 _SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
@@ -94,8 +94,9 @@ class TypedText:
             pos = m.end()
         return text, ids, offsets
 
-    def tokenize_batch(self, renderings: list[str]) -> list[tuple[str, list[int], list[tuple[int, int]]]]:
-        """`tokenize` of renderings without sentinels: (text, ids, offsets) each.
+    def tokenize_batch(self, renderings: list[str]) -> list[tuple[str, list[int], Sequence[tuple[int, int]]]]:
+        """`tokenize` of renderings without sentinels: (text, ids, offsets) each (offsets: a sequence, read by
+        index).
 
         As `tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)`, but straight through the Rust
         tokenizer when it is set as transformers sets it for that call (no truncation or padding, special tokens
@@ -113,4 +114,22 @@ class TypedText:
         if backend.encode_special_tokens != split:
             backend.encode_special_tokens = split  # what the wrapper sets before each call
         encs = [backend.encode(text, add_special_tokens=False) for text in renderings]
-        return [(text, enc.ids, enc.offsets) for text, enc in zip(renderings, encs)]
+        return [(text, enc.ids, _Offsets(enc)) for text, enc in zip(renderings, encs)]
+
+
+class _Offsets:
+    """`encoding.offsets[i]`, read one token at a time: labelling reads two or three of a record's offsets, and
+    the whole list as Python tuples cost ~6% of a store build."""
+
+    __slots__ = ("_enc",)
+
+    def __init__(self, enc):
+        self._enc = enc
+
+    def __len__(self) -> int:
+        return len(self._enc)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if not -len(self._enc) <= i < len(self._enc):
+            raise IndexError(i)
+        return self._enc.token_to_chars(i % len(self._enc))

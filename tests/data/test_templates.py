@@ -245,13 +245,21 @@ def test_tokenize_batch_is_the_tokenizer_call():
             out.append((t, enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]))
         return out
 
-    assert typed.tokenize_batch(texts) == wrapper()
+    def batch():  # offsets read one by one, as labelling reads them
+        return [(t, list(ids), [offsets[i] for i in range(len(offsets))]) for t, ids, offsets in
+                typed.tokenize_batch(texts)]
+
+    assert batch() == wrapper()
     tok.split_special_tokens = True  # the wrapper splits special tokens as text then
-    assert typed.tokenize_batch(texts) == wrapper()
+    assert batch() == wrapper()
     tok.split_special_tokens = False
     tok.backend_tokenizer.enable_truncation(3)  # left on the Rust tokenizer: the wrapper switches it off
-    full = typed.tokenize_batch(texts)
+    full = batch()
     assert full == wrapper() and len(full[0][1]) > 3
+    offsets = typed.tokenize_batch(texts[:1])[0][2]
+    assert offsets[-1] == full[0][2][-1]
+    with pytest.raises(IndexError):
+        offsets[len(full[0][1])]
 
 
 def test_tokenizer_without_template_needs_a_registered_one():
