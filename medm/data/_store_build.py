@@ -23,10 +23,11 @@ from medm.data.templates import TemplateError
 
 logger = logging.getLogger("medm.data.store")
 
-STORE_VERSION = 2
+STORE_VERSION = 3
 # Per-row status in the `status` column.
 OK, FAILED, DROPPED, BAD_MEDIA = 0, 1, 2, 3
 META = "meta.json"
+RECORDS = "records.arrow"  # id, source, record (JSON), image, image3d: one row per record, as read
 # Per-sample arrays beside the table, opened memory-mapped (`.npy`): rows (table row of each sample), length (a
 # known-bad sample: the longest), n_images, n_volumes, bad; and per record: image_files, volume_files.
 ARRAYS = ("rows", "length", "n_images", "n_volumes", "bad", "image_files", "volume_files")
@@ -105,17 +106,18 @@ def _write_records(files: list[str], out: str) -> int:
 
 
 class _EncodeBatch:
-    """`Dataset.map` function: a batch of record rows -> status, error and the encoder's columns."""
+    """`Dataset.map` function: a batch of records (JSON) and their source files -> status, error and the encoder's
+    columns, one row per record."""
 
     def __init__(self, encoder, files: list[str]):
         self.encoder, self.files = encoder, files
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def __call__(self, records: list[str], sources: list[int]) -> dict[str, list]:
         enc = self.encoder
         names = ["status", "error", "ids", "labels", "length", "n_images", "n_volumes", *enc.features()]
         out: dict[str, list] = {k: [] for k in names}
         empty = {"ids": [], "labels": [], "length": 0, "n_images": 0, "n_volumes": 0, **enc.empty_extra()}
-        for text, source in zip(batch["record"], batch["source"]):
+        for text, source in zip(records, sources):
             rec = record_from_json(text)
             status, error, values = OK, None, None
             try:
@@ -136,16 +138,16 @@ class _EncodeBatch:
         return out
 
 
-def _features(encoder, base):
+def _features(encoder):
     from datasets import Features, List, Value  # defers datasets
 
-    feats = dict(base)
+    feats = {}
     feats.update(status=Value("int8"), error=Value("string"), ids=List(Value("int32")), labels=List(Value("int32")),
                  length=Value("int32"), n_images=Value("int32"), n_volumes=Value("int32"), **encoder.features())
     return Features(feats)
 
 
-def _write_arrays(where: str, table, status: np.ndarray) -> None:
+def _write_arrays(where: str, records, table, status: np.ndarray) -> None:
     """The `ARRAYS` of a built table: what a run reads for every sample (lengths, modalities) lies in a few small
     files instead of one small slice of each of the table's batches (reading those would map ~64 KB around every
     batch, the kernel's fault-around, into the process)."""
@@ -161,7 +163,7 @@ def _write_arrays(where: str, table, status: np.ndarray) -> None:
               "n_images": table.column("n_images").to_numpy()[rows].astype(np.int32),
               "n_volumes": table.column("n_volumes").to_numpy()[rows].astype(np.int32)}
     for name, column in (("image_files", "image"), ("volume_files", "image3d")):
-        arrays[name] = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False).astype(np.int32)
+        arrays[name] = pc.list_value_length(records.column(column)).to_numpy(zero_copy_only=False).astype(np.int32)
     for name in ARRAYS:
         np.save(os.path.join(where, f"{name}.npy"), arrays[name])
 
@@ -173,7 +175,7 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
 
     start = time.perf_counter()
     os.makedirs(where)
-    raw = os.path.join(where, "records.arrow")
+    raw = os.path.join(where, RECORDS)
     n = _write_records(files, raw)
     if num_proc is None:
         num_proc = min(cpu_count(), max(1, n // _MIN_PER_PROC))
@@ -182,7 +184,7 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
     bars = datasets_logging.is_progress_bar_enabled()
     if n < 10_000:
         datasets_logging.disable_progress_bar()  # a bar for a few records is noise
-    features = _features(encoder, records.features)
+    features = _features(encoder)
     try:
         if n == 0:  # map leaves an empty table as it is, without the new columns
             import pyarrow as pa  # defers pyarrow
@@ -193,7 +195,10 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
             encoded = Dataset.from_file(os.path.join(where, "samples.arrow"))
         else:
             # new_fingerprint: ours already covers the tokenizer; datasets would otherwise hash the encoder itself.
+            # Only the record JSON and source reach Python, and only the new columns are written: the records table
+            # stays as it is, beside the samples (the same rows in the same order).
             encoded = records.map(_EncodeBatch(encoder, files), batched=True, batch_size=1000,
+                                  input_columns=["record", "source"], remove_columns=records.column_names,
                                   num_proc=num_proc if num_proc > 1 else None, features=features,
                                   cache_file_name=os.path.join(where, "samples.arrow"), new_fingerprint=fp[:40],
                                   writer_batch_size=10_000,  # fewer, larger batches: less to map when opened
@@ -203,8 +208,9 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
             datasets_logging.enable_progress_bar()
     shards = [os.path.basename(c["filename"]) for c in encoded.cache_files]
     table = encoded.data.table
+    rec_table = records.data.table
     status = table.column("status").to_numpy()
-    _write_arrays(where, table, status)
+    _write_arrays(where, rec_table, table, status)
     failed = np.flatnonzero(status == FAILED)
     dropped = np.flatnonzero(status == DROPPED)
     meta = {
@@ -212,12 +218,11 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
         "num_records": n, "num_samples": int(((status == OK) | (status == BAD_MEDIA)).sum()),
         "num_failed": len(failed), "num_dropped": len(dropped), "num_bad_media": int((status == BAD_MEDIA).sum()),
         "errors": table.column("error").take(failed[:_MAX_ERRORS]).to_pylist(),
-        "dropped_ids": table.column("id").take(dropped[:5]).to_pylist(),
+        "dropped_ids": rec_table.column("id").take(dropped[:5]).to_pylist(),
         "max_length": getattr(encoder, "max_length", None), "num_proc": num_proc,
         "build_seconds": round(time.perf_counter() - start, 3),
     }
-    del encoded, records, table
-    os.remove(raw)
+    del encoded, records, table, rec_table
     with open(os.path.join(where, META), "w") as f:
         json.dump(meta, f, indent=1)
 

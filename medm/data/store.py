@@ -37,6 +37,7 @@ from medm.data._encoded import EncodingLog
 from medm.data._store_build import (
     ARRAYS,
     META,
+    RECORDS,
     STORE_VERSION,
     build_if_missing,
     record_from_json,
@@ -120,9 +121,13 @@ class SampleStore(Sequence):
             self.meta = json.load(f)
         parts = [Dataset.from_file(os.path.join(path, name)) for name in self.meta["shards"]]
         self._dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-        table = self._dataset.data.table  # memory-mapped: nothing is read until a column is touched
+        # Memory-mapped: nothing is read until a column is touched. The records table and the samples (in shards
+        # when several workers encoded) hold the same rows in the same order.
+        table = self._dataset.data.table
+        records = Dataset.from_file(os.path.join(path, RECORDS)).data.table
         self._extra = list(self.meta["extra_columns"])
-        self._cols = {name: table.column(name) for name in ("id", "record", "ids", "labels", *self._extra)}
+        self._cols = {name: table.column(name) for name in ("ids", "labels", *self._extra)}
+        self._cols.update(id=records.column("id"), record=records.column("record"))
         # Per-sample arrays written by the build, memory-mapped too: opening costs no memory per sample.
         self._arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r") for name in ARRAYS}
         self._select(None if positions is None else np.asarray(positions, dtype=np.int64))

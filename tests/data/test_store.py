@@ -230,11 +230,31 @@ def test_encoding_errors_from_every_worker_are_listed_with_file_and_id(tmp_path)
         open_store([path], ConversationEncoder(bad_tok, **TEXT), num_proc=2)
 
 
-def test_bad_records_are_listed_as_when_loading(tok, tmp_path):
-    raw = RAW[:2] + [{"id": "nogpt", "conversations": [{"from": "human", "value": "Hi?"}]}]
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_bad_records_are_listed_as_when_loading(tok, tmp_path, record_cache, num_proc):
+    raw = RAW[:2] + [{"id": "nogpt", "conversations": [{"from": "human", "value": "Hi?"}]}] + RAW[2:]
+    good = _write(tmp_path / "good.jsonl", RAW)
     path = _write(tmp_path / "bad.jsonl", raw)
-    with pytest.raises(AnnotationError, match=r"(?s)1 bad record\(s\).*'nogpt'.*medm data validate"):
-        open_store([path], ConversationEncoder(tok, **TEXT))
+    # A torn line and one that is not UTF-8 in the second half (another worker), and a JSON list with a bad item.
+    with open(path, "ab") as f:
+        f.write(b'{"id": "torn", "conversations": [{"fr\n' + b'{"id": "\xff\xfe"}\n')
+    listed = tmp_path / "bad_list.json"
+    listed.write_text(json.dumps(RAW[:3] + [{"id": "noconv"}]))
+    files = [good, path, str(listed)]
+    with pytest.raises(AnnotationError) as building:
+        open_store(files, ConversationEncoder(tok, **TEXT), num_proc=num_proc)
+    text = str(building.value)
+    assert text.startswith("4 bad record(s) in ") and "medm data validate" in text
+    # In file order, named by id (or file and number), with the reason the JSONL reader gives.
+    listed_ids = [line.split(":")[0].strip() for line in text.splitlines()[1:5]]
+    assert listed_ids == ["record 'nogpt'", f"record 'bad.jsonl", f"record 'bad.jsonl", "record 'noconv'"]
+    assert f"'bad.jsonl:{len(raw)}': {path} line {len(raw) + 1}: invalid JSON (JSONL line)" in text
+    assert f"'bad.jsonl:{len(raw) + 1}': {path} line {len(raw) + 2}: not UTF-8 text" in text
+    # The JSON list's bad item as loading that file names it.
+    with pytest.raises(AnnotationError) as loading:
+        load_records([str(listed)], for_training=True)
+    assert str(loading.value).splitlines()[1] == text.splitlines()[4]
+    assert [p.name for p in record_cache.iterdir() if not p.name.endswith(".lock")] == []  # nothing half-built
 
 
 def test_dataloader_workers_and_copies_read_the_mapping(tok, tmp_path):
