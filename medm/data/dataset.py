@@ -25,6 +25,7 @@ from medm.data._encoded import EncodingLog
 from medm.data._media import image_tensor, volume_tensor
 from medm.data.annotations import AnnotationError, Record, load_records, resolve_path
 from medm.data.images import ImageLoadError
+from medm.data.sampler import ModalityCodes
 from medm.data.store import SampleStore, open_store, tokenizer_fingerprint
 from medm.data.streaming import StreamingDataset
 from medm.data.templates import IGNORE_INDEX, ChatFormat, TemplateError, expand_media
@@ -249,8 +250,8 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
         return [s.length for s in self.samples]
 
     @property
-    def modalities(self) -> list[str]:
-        """Per sample: `image3d` (has volumes), `image` (has 2D images) or `text`."""
+    def modalities(self) -> Sequence[str]:
+        """Per sample: `image3d` (has volumes), `image` (has 2D images) or `text` (a store's: `ModalityCodes`)."""
         if isinstance(self.samples, SampleStore):
             return store_modalities(self.samples)
         return ["image3d" if s.n_volumes else "image" if s.n_images else "text" for s in self.samples]
@@ -296,13 +297,10 @@ class ConversationDataset(SkipsBadSamples, torch.utils.data.Dataset):
                             for p in record.image3d[:n]])
 
 
-_MODALITIES = np.array(["text", "image", "image3d"], dtype=object)
-
-
-def store_modalities(store: SampleStore) -> list[str]:
-    """`image3d`, `image` or `text` per sample of a store: one pointer per sample to three shared strings."""
-    codes = np.where(store.n_volumes > 0, 2, np.where(store.n_images > 0, 1, 0))
-    return _MODALITIES[codes].tolist()
+def store_modalities(store: SampleStore) -> ModalityCodes:
+    """`image3d`, `image` or `text` per sample of a store, one byte each."""
+    codes = np.where(store.n_volumes > 0, 2, np.where(store.n_images > 0, 1, 0)).astype(np.uint8)
+    return ModalityCodes(codes, ("text", "image", "image3d"))
 
 
 def annotation_files(path: str | list) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from medm.data.collator import DataCollator
+from medm.data.sampler import ModalityCodes
 from medm.data.templates import IGNORE_INDEX
 
 __all__ = ["PackedDataset", "PackingCollator", "pack_lengths"]
@@ -89,7 +90,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.sample_lengths = list(dataset.lengths)
         self.packs = pack_lengths(self.sample_lengths, self.capacity)
         mods = getattr(dataset, "modalities", None)
-        self._modalities = None if mods is None else list(mods)
+        self._modalities = None if mods is None else ModalityCodes.of(mods)
 
     @property
     def lengths(self) -> list[int]:

@@ -327,7 +327,7 @@ class QwenVLDataset(SkipsBadSamples, torch.utils.data.Dataset):
         return [s.length for s in self.samples]
 
     @property
-    def modalities(self) -> list[str]:
+    def modalities(self) -> Sequence[str]:
         if isinstance(self.samples, SampleStore):
             return store_modalities(self.samples)  # no volumes here: image or text
         return ["image" if s.n_images else "text" for s in self.samples]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from medm.config import ConfigError
 from medm.data.mixture import MixtureSampler
-from medm.data.sampler import GroupedSampler, grouped_order, grouped_order_array
+from medm.data.sampler import GroupedSampler, ModalityCodes, grouped_order, grouped_order_array
 
 
 def synthetic(n=203, seed=0):
@@ -69,6 +69,16 @@ def test_sampler_keeps_no_python_object_per_sample(tmp_path):
     assert list(sampler) == grouped_order(lengths, 4, modalities=mods, seed=3)
     array = grouped_order_array(lengths, 4, modalities=mods, seed=3)
     assert array.dtype == np.int64 and array.tolist() == list(sampler)
+    # Modalities are kept as one byte a sample (a list of names: an 8-byte pointer each), same order either way.
+    codes = sampler.modalities
+    assert isinstance(codes, ModalityCodes) and codes.codes.itemsize == 1 and codes == mods and list(codes) == mods
+    assert codes[:3] == mods[:3] and codes[len(mods) - 1] == mods[-1]
+    order = list(GroupedSampler(lengths, 4, modalities=ModalityCodes.of(mods), seed=3))
+    assert order == list(sampler)
+    # A name that no sample has changes nothing.
+    names = ("zzz", *codes.names)
+    padded = ModalityCodes(codes.codes.astype(np.int32) + 1, names)
+    assert grouped_order(lengths, 4, modalities=padded, seed=3) == order
 
 
 def test_grouping_cuts_padding_and_longest_batch_comes_first():
