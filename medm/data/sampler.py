@@ -112,35 +112,33 @@ def grouped_order_array(lengths: Sequence[int], batch_size: int, *, modalities: 
     n = len(lengths)
     if modalities is not None and len(modalities) != n:
         raise ValueError(f"{len(modalities)} modalities for {n} lengths")
-    lens = np.asarray(lengths, dtype=np.int64)
+    lens = np.asarray(lengths)
     keys = lens // bucket
     step = batch_size * world_size
     rng = np.random.default_rng([seed, epoch])
-    if modalities is None:
-        groups = [np.arange(n, dtype=np.int64)]
-    else:
-        groups = ModalityCodes.of(modalities).groups()
-    steps: list[np.ndarray] = []
+    groups = [np.arange(n, dtype=np.int64)] if modalities is None else ModalityCodes.of(modalities).groups()
+    # Whole arrays, not a list of per-step arrays (a million samples made ~125,000 small array objects).
+    steps: list[np.ndarray] = []  # per group: (its full steps, step) sample indices
     leftover: list[np.ndarray] = []
     for idx in groups:
         perm = idx[rng.permutation(len(idx))]
-        for start in range(0, len(perm), window * step):
-            win = perm[start:start + window * step]
-            # Stable sort, longest bucket first: samples of one bucket keep their random order.
-            win = win[np.argsort(-keys[win], kind="stable")]
-            full = len(win) // step * step
-            steps += [win[i:i + step] for i in range(0, full, step)]
-            if full < len(win):
-                leftover.append(win[full:])
-    order = [steps[i] for i in rng.permutation(len(steps))]
-    if order:
-        longest = max(range(len(order)), key=lambda i: int(lens[order[i]].max()))
-        order[0], order[longest] = order[longest], order[0]
-    if leftover:
-        rest = np.concatenate(leftover)
-        rest = rest[np.argsort(-keys[rest], kind="stable")]
-        order += [rest[i:i + step] for i in range(0, len(rest), step)]
-    return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+        # Stable sort inside each window of `window` steps, longest bucket first: a bucket keeps its random order.
+        win = np.arange(len(perm), dtype=np.int64) // (window * step)
+        perm = perm[np.lexsort((-keys[perm], win))]
+        del win
+        # Every window but the last holds whole steps, so only the group's last len % step samples are left over.
+        full = len(perm) - len(perm) % step
+        steps.append(perm[:full].reshape(-1, step))
+        leftover.append(perm[full:])
+    order = np.concatenate(steps) if steps else np.zeros((0, step), dtype=np.int64)
+    del steps
+    order = order[rng.permutation(len(order))]
+    if len(order):
+        longest = int(np.argmax(lens[order].max(axis=1)))  # the first step holding the longest sample
+        order[[0, longest]] = order[[longest, 0]]
+    rest = np.concatenate(leftover) if leftover else np.zeros(0, dtype=np.int64)
+    rest = rest[np.argsort(-keys[rest], kind="stable")]
+    return np.concatenate([order.ravel(), rest]).astype(np.int64, copy=False)
 
 
 class GroupedSampler(torch.utils.data.Sampler[int]):
