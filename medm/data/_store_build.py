@@ -3,22 +3,26 @@ atomic rename into the cache."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from filelock import FileLock, Timeout
 
-from medm.data.annotations import AnnotationError, Record, RecordError, bad_records_error
-from medm.data.streaming import read_shard
+from medm.data.annotations import AnnotationError, Record, RecordError, bad_records_error, iter_file
+from medm.data.streaming import is_jsonl_utf8, jsonl_lines, parse_line
 from medm.data.templates import TemplateError
 
 logger = logging.getLogger("medm.data.store")
@@ -63,8 +67,77 @@ def fingerprint(files: list[str], encoder) -> tuple[str, dict[str, Any]]:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest(), what
 
 
-def _write_records(files: list[str], out: str) -> int:
-    """Every record of `files` (normalised, in order) into one Arrow stream file, `_CHUNK` at a time.
+def _chunks(files: list[str]) -> Iterator[tuple[int, int | None, list]]:
+    """(source file, number of the chunk's first line, up to `_CHUNK` raw lines) of UTF-8 JSONL files, read line
+    by line; a JSON list (or UTF-16 / UTF-32 text) as (source, None, its records) read whole, as the in-memory
+    path reads it.
+
+    Raises:
+        AnnotationError: a file that is missing or (read whole) not a JSON list / JSONL.
+    """
+    for source, path in enumerate(files):
+        if not os.path.isfile(path):
+            raise AnnotationError(f"annotation file not found: {path}")
+        if not is_jsonl_utf8(path):
+            yield source, None, [rec for _, rec in iter_file(path, for_training=True)]
+            continue
+        lines: list[bytes] = []
+        start = 0
+        for i, line in enumerate(jsonl_lines(path)):
+            lines.append(line)
+            if len(lines) == _CHUNK:
+                yield source, start, lines
+                lines, start = [], i + 1
+        if lines:
+            yield source, start, lines
+
+
+def _row(rec: Record | RecordError) -> tuple:
+    """The records table's row `(id, record JSON, image, image3d)`, or `(None, id, kind, message)` for a bad record
+    (exceptions with required arguments do not pickle back from a worker)."""
+    if isinstance(rec, RecordError):
+        return None, rec.record_id, rec.kind, str(rec)
+    return rec.id, record_to_json(rec), rec.image, rec.image3d
+
+
+def _rows(path: str, start: int, lines: list[bytes]) -> list[tuple]:
+    """`_row` of each line of one chunk of a JSONL file (`start`: the number of its first line)."""
+    return [_row(parse_line(path, start + j, line)) for j, line in enumerate(lines)]
+
+
+def _parsed(files: list[str], num_proc: int) -> Iterator[tuple[int, tuple]]:
+    """(source, `_row`) of every record of `files` in order. With `num_proc` > 1, JSONL lines are parsed by that
+    many processes, `_CHUNK` lines at a time and at most 2 chunks per process ahead."""
+    chunks = _chunks(files)
+    ahead = list(itertools.islice(chunks, 2))
+    if num_proc <= 1 or len(ahead) < 2:  # one chunk: not worth starting processes
+        for source, start, items in itertools.chain(ahead, chunks):
+            for j, item in enumerate(items):
+                yield source, _row(item if start is None else parse_line(files[source], start + j, item))
+        return
+    chunks = itertools.chain(ahead, chunks)
+    with multiprocessing.get_context().Pool(num_proc) as pool:
+        pending: collections.deque = collections.deque()
+
+        def done():
+            source, rows = pending.popleft()
+            return source, rows if isinstance(rows, list) else rows.get()
+
+        for source, start, items in chunks:
+            # A file read whole is parsed already (and its errors would not pickle): its rows are made here.
+            pending.append((source, [_row(rec) for rec in items] if start is None
+                            else pool.apply_async(_rows, (files[source], start, items))))
+            while len(pending) >= 2 * num_proc:
+                source, rows = done()
+                yield from ((source, row) for row in rows)
+        while pending:
+            source, rows = done()
+            yield from ((source, row) for row in rows)
+
+
+def _write_records(files: list[str], out: str, num_proc: int = 1) -> int:
+    """Every record of `files` (normalised, in order) into one Arrow stream file, `_CHUNK` at a time; lines are
+    parsed and normalised by `num_proc` processes.
 
     Raises:
         AnnotationError: bad records, listed as `load_records` lists them.
@@ -85,17 +158,17 @@ def _write_records(files: list[str], out: str) -> int:
                 for v in cols.values():
                     v.clear()
 
-        source = {path: i for i, path in enumerate(files)}
-        # UTF-8 JSONL is read line by line (medm.data.streaming), a JSON list whole: `_CHUNK` records in memory.
-        for _, path, rec in read_shard(files):
-            if isinstance(rec, RecordError):
-                errors.append(rec)
+        for source, (rid, text, image, image3d) in _parsed(files, num_proc):
+            if rid is None:  # a bad record: (None, id, kind, message)
+                e = RecordError(text, image, "")
+                e.args = (image3d,)  # the message as the parser wrote it
+                errors.append(e)
                 continue
-            cols["id"].append(rec.id)
-            cols["source"].append(source[path])
-            cols["record"].append(record_to_json(rec))
-            cols["image"].append(rec.image)
-            cols["image3d"].append(rec.image3d)
+            cols["id"].append(rid)
+            cols["source"].append(source)
+            cols["record"].append(text)
+            cols["image"].append(image)
+            cols["image3d"].append(image3d)
             n += 1
             if len(cols["id"]) >= _CHUNK:
                 flush()
@@ -176,7 +249,7 @@ def _build(files: list[str], encoder, where: str, fp: str, what: dict, num_proc:
     start = time.perf_counter()
     os.makedirs(where)
     raw = os.path.join(where, RECORDS)
-    n = _write_records(files, raw)
+    n = _write_records(files, raw, num_proc or cpu_count())
     if num_proc is None:
         num_proc = min(cpu_count(), max(1, n // _MIN_PER_PROC))
     num_proc = max(1, min(num_proc, n))

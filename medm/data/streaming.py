@@ -63,35 +63,47 @@ def _utf8(path: str) -> bool:
     return json.detect_encoding(head) in ("utf-8", "utf-8-sig")
 
 
+def jsonl_lines(path: str) -> Iterator[bytes]:
+    """The non-empty lines of a UTF-8 JSONL file (the first without its byte order mark), read line by line."""
+    with open(path, "rb") as f:
+        first = True
+        for line in f:
+            if first:
+                line, first = line.lstrip(b"\xef\xbb\xbf"), False
+            if line.strip():
+                yield line
+
+
+def parse_line(path: str, i: int, line: bytes) -> Record | RecordError:
+    """Record (or the error) of the `i`-th (0-based) non-empty line of the UTF-8 JSONL file `path`."""
+    rid = f"{os.path.basename(path)}:{i}"
+    try:
+        raw = json.loads(line.decode("utf-8").strip())
+    except UnicodeDecodeError as e:
+        return RecordError(rid, "invalid_json", f"{path} line {i + 1}: not UTF-8 text ({e.reason})")
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        return RecordError(rid, "invalid_json", f"{path} line {i + 1}: invalid JSON (JSONL line): {why}")
+    try:
+        return parse_record(raw, rid, for_training=True)
+    except RecordError as e:
+        return e
+
+
 def _jsonl_items(path: str, start: int, shard: int, num_shards: int) -> Iterator[tuple[int, Record | RecordError]]:
     """(global number, record or error) of this shard's lines of a UTF-8 JSONL file, read line by line; other
     lines are only counted. Yields `(next global number, None)` at the end."""
-    name = os.path.basename(path)
     i = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if i == 0:
-                line = line.lstrip(b"\xef\xbb\xbf")
-            if not line.strip():
-                continue
-            k, rid = start + i, f"{name}:{i}"
-            i += 1
-            if k % num_shards != shard:
-                continue
-            try:
-                raw = json.loads(line.decode("utf-8").strip())
-            except UnicodeDecodeError as e:
-                yield k, RecordError(rid, "invalid_json", f"{path} line {i}: not UTF-8 text ({e.reason})")
-                continue
-            except (json.JSONDecodeError, RecursionError) as e:
-                why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-                yield k, RecordError(rid, "invalid_json", f"{path} line {i}: invalid JSON (JSONL line): {why}")
-                continue
-            try:
-                yield k, parse_record(raw, rid, for_training=True)
-            except RecordError as e:
-                yield k, e
+    for i, line in enumerate(jsonl_lines(path), start=1):
+        k = start + i - 1
+        if k % num_shards == shard:
+            yield k, parse_line(path, i - 1, line)
     yield start + i, None
+
+
+def is_jsonl_utf8(path: str) -> bool:
+    """Whether `path` is read line by line (UTF-8 JSONL) rather than whole (a JSON list, UTF-16 / UTF-32 text)."""
+    return _utf8(path) and not _is_json_list(path)
 
 
 def read_shard(paths: Sequence[str], shard: int = 0, num_shards: int = 1
@@ -106,7 +118,7 @@ def read_shard(paths: Sequence[str], shard: int = 0, num_shards: int = 1
     for path in paths:
         if not os.path.isfile(path):
             raise AnnotationError(f"annotation file not found: {path}")
-        if _utf8(path) and not _is_json_list(path):
+        if is_jsonl_utf8(path):
             for k, rec in _jsonl_items(path, start, shard, num_shards):
                 if rec is None:
                     start = k

@@ -88,8 +88,12 @@ def assert_same_samples(memory, arrow):
 
 
 @pytest.mark.parametrize("max_length, num_proc", [(2048, 1), (60, 2)])
-def test_store_samples_equal_the_in_memory_path(tok, tmp_path, max_length, num_proc):
+def test_store_samples_equal_the_in_memory_path(tok, tmp_path, monkeypatch, max_length, num_proc):
+    from medm.data import _store_build
+
     path = _write(tmp_path / "train.jsonl", RAW)
+    if num_proc > 1:
+        monkeypatch.setattr(_store_build, "_CHUNK", 3)  # several chunks of lines: parsed by the worker processes
     memory, arrow = _datasets(path, tok, num_proc=num_proc, max_length=max_length)
     assert isinstance(arrow.samples, SampleStore) and arrow.samples.meta["num_proc"] == num_proc
     assert_same_samples(memory, arrow)
@@ -231,7 +235,11 @@ def test_encoding_errors_from_every_worker_are_listed_with_file_and_id(tmp_path)
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])
-def test_bad_records_are_listed_as_when_loading(tok, tmp_path, record_cache, num_proc):
+def test_bad_records_are_listed_as_when_loading(tok, tmp_path, record_cache, monkeypatch, num_proc):
+    from medm.data import _store_build
+
+    if num_proc > 1:
+        monkeypatch.setattr(_store_build, "_CHUNK", 2)  # lines parsed in chunks by the worker processes
     raw = RAW[:2] + [{"id": "nogpt", "conversations": [{"from": "human", "value": "Hi?"}]}] + RAW[2:]
     good = _write(tmp_path / "good.jsonl", RAW)
     path = _write(tmp_path / "bad.jsonl", raw)
