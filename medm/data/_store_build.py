@@ -93,21 +93,78 @@ def _chunks(files: list[str]) -> Iterator[tuple[int, int | None, list]]:
 
 
 def _row(rec: Record | RecordError) -> tuple:
-    """The records table's row `(id, record JSON, image, image3d)`, or `(None, id, kind, message)` for a bad record
-    (exceptions with required arguments do not pickle back from a worker)."""
+    """The records table's row `(id, record JSON, image, image3d)`, or `(None, id, kind, message)` for a bad
+    record."""
     if isinstance(rec, RecordError):
         return None, rec.record_id, rec.kind, str(rec)
     return rec.id, record_to_json(rec), rec.image, rec.image3d
 
 
-def _rows(path: str, start: int, lines: list[bytes]) -> list[tuple]:
-    """`_row` of each line of one chunk of a JSONL file (`start`: the number of its first line)."""
-    return [_row(parse_line(path, start + j, line)) for j, line in enumerate(lines)]
+def _records_schema():
+    import pyarrow as pa  # defers pyarrow
+
+    return pa.schema([("id", pa.string()), ("source", pa.int32()), ("record", pa.string()),
+                      ("image", pa.list_(pa.string())), ("image3d", pa.list_(pa.string()))])
 
 
-def _parsed(files: list[str], num_proc: int) -> Iterator[tuple[int, tuple]]:
-    """(source, `_row`) of every record of `files` in order. With `num_proc` > 1, JSONL lines are parsed by that
-    many processes, `_CHUNK` lines at a time and at most 2 chunks per process ahead."""
+class _Columns:
+    """Rows of the records table gathered into Arrow record batches; bad records kept apart as `RecordError`s."""
+
+    def __init__(self):
+        self.schema = _records_schema()
+        self.cols: dict[str, list] = {name: [] for name in self.schema.names}
+        self.errors: list[RecordError] = []
+
+    def add(self, source: int, row: tuple) -> None:
+        rid, text, image, image3d = row
+        if rid is None:  # a bad record: (None, id, kind, message)
+            self.errors.append(_record_error(text, image, image3d))
+            return
+        c = self.cols
+        c["id"].append(rid)
+        c["source"].append(source)
+        c["record"].append(text)
+        c["image"].append(image)
+        c["image3d"].append(image3d)
+
+    def __len__(self) -> int:
+        return len(self.cols["id"])
+
+    def take(self):
+        """The gathered rows as one record batch (None when there are none); starts over."""
+        import pyarrow as pa  # defers pyarrow
+
+        if not self.cols["id"]:
+            return None
+        batch = pa.record_batch([pa.array(self.cols[k], type=self.schema.field(k).type) for k in self.schema.names],
+                                schema=self.schema)
+        for v in self.cols.values():
+            v.clear()
+        return batch
+
+
+def _record_error(record_id: str, kind: str, message: str) -> RecordError:
+    e = RecordError(record_id, kind, "")
+    e.args = (message,)  # the message as the parser wrote it
+    return e
+
+
+def _parse_chunk(path: str, source: int, start: int, lines: list[bytes]) -> tuple[bytes | None, list[tuple]]:
+    """A worker's part: one chunk of JSONL lines (`start`: the number of the first) as a serialized record batch
+    of the records table (cheap to send back, nothing to convert in the main process), and its bad records as
+    `(id, kind, message)` (exceptions with required arguments do not pickle)."""
+    cols = _Columns()
+    for j, line in enumerate(lines):
+        cols.add(source, _row(parse_line(path, start + j, line)))
+    batch = cols.take()
+    bad = [(e.record_id, e.kind, str(e)) for e in cols.errors]
+    return (None if batch is None else batch.serialize().to_pybytes()), bad
+
+
+def _parsed(files: list[str], num_proc: int) -> Iterator[tuple[int, tuple] | tuple[bytes | None, list[tuple]]]:
+    """Every record of `files` in order: `(source, _row)` parsed here, or, with `num_proc` > 1 and more than one
+    chunk, `_parse_chunk`'s (serialized batch, bad records) for each chunk of `_CHUNK` JSONL lines parsed by a
+    worker process (at most 2 chunks a process ahead)."""
     chunks = _chunks(files)
     ahead = list(itertools.islice(chunks, 2))
     if num_proc <= 1 or len(ahead) < 2:  # one chunk: not worth starting processes
@@ -115,24 +172,18 @@ def _parsed(files: list[str], num_proc: int) -> Iterator[tuple[int, tuple]]:
             for j, item in enumerate(items):
                 yield source, _row(item if start is None else parse_line(files[source], start + j, item))
         return
-    chunks = itertools.chain(ahead, chunks)
     with multiprocessing.get_context().Pool(num_proc) as pool:
         pending: collections.deque = collections.deque()
-
-        def done():
-            source, rows = pending.popleft()
-            return source, rows if isinstance(rows, list) else rows.get()
-
-        for source, start, items in chunks:
+        for source, start, items in itertools.chain(ahead, chunks):
             # A file read whole is parsed already (and its errors would not pickle): its rows are made here.
-            pending.append((source, [_row(rec) for rec in items] if start is None
-                            else pool.apply_async(_rows, (files[source], start, items))))
+            pending.append([(source, _row(rec)) for rec in items] if start is None
+                           else pool.apply_async(_parse_chunk, (files[source], source, start, items)))
             while len(pending) >= 2 * num_proc:
-                source, rows = done()
-                yield from ((source, row) for row in rows)
+                done = pending.popleft()
+                yield from done if isinstance(done, list) else [done.get()]
         while pending:
-            source, rows = done()
-            yield from ((source, row) for row in rows)
+            done = pending.popleft()
+            yield from done if isinstance(done, list) else [done.get()]
 
 
 def _write_records(files: list[str], out: str, num_proc: int = 1) -> int:
@@ -144,37 +195,28 @@ def _write_records(files: list[str], out: str, num_proc: int = 1) -> int:
     """
     import pyarrow as pa  # defers pyarrow
 
-    schema = pa.schema([("id", pa.string()), ("source", pa.int32()), ("record", pa.string()),
-                        ("image", pa.list_(pa.string())), ("image3d", pa.list_(pa.string()))])
-    errors: list[RecordError] = []
+    cols = _Columns()
     n = 0
-    with pa.OSFile(out, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        cols: dict[str, list] = {name: [] for name in schema.names}
+    with pa.OSFile(out, "wb") as sink, pa.ipc.new_stream(sink, cols.schema) as writer:
 
-        def flush():
-            if cols["id"]:
-                writer.write_batch(pa.record_batch([pa.array(cols[k], type=schema.field(k).type)
-                                                    for k in schema.names], schema=schema))
-                for v in cols.values():
-                    v.clear()
+        def write(batch):
+            nonlocal n
+            if batch is not None and not cols.errors:  # after a bad record the build fails: write no more
+                writer.write_batch(batch)
+                n += batch.num_rows
 
-        for source, (rid, text, image, image3d) in _parsed(files, num_proc):
-            if rid is None:  # a bad record: (None, id, kind, message)
-                e = RecordError(text, image, "")
-                e.args = (image3d,)  # the message as the parser wrote it
-                errors.append(e)
+        for first, second in _parsed(files, num_proc):
+            if isinstance(first, int):
+                cols.add(first, second)
+                if len(cols) >= _CHUNK:
+                    write(cols.take())
                 continue
-            cols["id"].append(rid)
-            cols["source"].append(source)
-            cols["record"].append(text)
-            cols["image"].append(image)
-            cols["image3d"].append(image3d)
-            n += 1
-            if len(cols["id"]) >= _CHUNK:
-                flush()
-        flush()
-    if errors:
-        raise bad_records_error(errors, files)
+            write(cols.take())  # rows gathered here come first
+            cols.errors += [_record_error(*bad) for bad in second]
+            write(None if first is None else pa.ipc.read_record_batch(pa.py_buffer(first), cols.schema))
+        write(cols.take())
+    if cols.errors:
+        raise bad_records_error(cols.errors, files)
     return n
 
 
