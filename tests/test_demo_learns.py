@@ -6,8 +6,9 @@ from the question alone: at the blanked-image accuracy and near the majority bas
 learnt first, so they carry the check; location and size need the full run (docs/getting_started.md).
 Settings: 30 pretrain + 200 finetune steps on 1,000 training images, one thread: about 40 s on an idle core (5 min
 on this project's shared 2-core machine at load 10). Over seeds 0, 1, 2 with the demo model of 2026-12-07 (2-layer
-vision tower, 1% of the questions split off for validation) they gave presence 0.92 / 0.98 / 0.99 and count
-0.78 / 0.87 / 0.77; blanked images and the majority baseline sit at 0.43-0.57 per kind. With the earlier 4-layer
+vision tower, untied output layer, 1% of the questions split off for validation) they gave presence 0.93 / 0.96 /
+0.98 and count 0.73 / 0.86 / 0.78 (34-38 s of training on an idle core); blanked images and the majority baseline
+sit at 0.43-0.57 per kind. Tied: presence 0.92 / 0.98 / 0.99, count 0.78 / 0.87 / 0.77; with the earlier 4-layer
 tower: presence 0.97 / 0.99 / 0.97, count 0.77 / 0.91 / 0.76; 250 finetune steps were no steadier.
 """
 
