@@ -255,7 +255,7 @@ def test_bad_records_are_listed_as_when_loading(tok, tmp_path, record_cache, mon
     assert text.startswith("4 bad record(s) in ") and "medm data validate" in text
     # In file order, named by id (or file and number), with the reason the JSONL reader gives.
     listed_ids = [line.split(":")[0].strip() for line in text.splitlines()[1:5]]
-    assert listed_ids == ["record 'nogpt'", f"record 'bad.jsonl", f"record 'bad.jsonl", "record 'noconv'"]
+    assert listed_ids == ["record 'nogpt'", "record 'bad.jsonl", "record 'bad.jsonl", "record 'noconv'"]
     assert f"'bad.jsonl:{len(raw)}': {path} line {len(raw) + 1}: invalid JSON (JSONL line)" in text
     assert f"'bad.jsonl:{len(raw) + 1}': {path} line {len(raw) + 2}: not UTF-8 text" in text
     # The JSON list's bad item as loading that file names it.
