@@ -32,8 +32,9 @@ DEMOS = {
     "qwen-vl": ([("finetune_qwenvl", "train", "finetune")], "runs/demo-qwen-vl"),
     "3d": ([("pretrain3d", "captions", "pretrain"), ("finetune3d", "train", "finetune")], "runs/demo3d"),
 }
-# Training images per kind when --n-train is not given. The medm demo draws 8,000: at 4,000 its then 2000 steps saw each
-# image about 5 times and location questions reached 0.76-0.99 held-out over seeds 0-2; at 8,000, 0.90-1.0.
+# Training images per kind when --n-train is not given. The medm demo draws 8,000: at 4,000 the 2000 finetune steps it
+# ran then saw each image about 5 times and location questions reached 0.76-0.99 held-out over seeds 0-2; at 8,000,
+# 0.90-1.0.
 N_TRAIN = {"medm": 8000}
 
 
